@@ -1,0 +1,169 @@
+"""Blob storage for uploaded programs and built engines, chosen by URI scheme.
+
+``file:///path`` is a local directory (the default); ``s3://bucket/prefix`` is any
+S3-compatible store (endpoint from ``KILN_S3_ENDPOINT_URL`` / the usual AWS variables). The
+database stores only the URI of each blob. Writes are atomic: a blob is either absent or
+complete, never partial, so a row never points at half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from service.errors import KilnError
+
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    uri: str
+    size: int
+    modified: float  # unix time
+
+
+class ArtifactStore(Protocol):
+    root_uri: str
+
+    def put_file(self, local: Path, key: str) -> str:
+        """Store ``local`` under ``key`` atomically; return the blob's URI."""
+
+    def get_file(self, uri: str, dest: Path) -> None: ...
+
+    def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
+        """Yield bytes ``[start, end)`` in chunks (for downloads with Range)."""
+
+    def size(self, uri: str) -> int: ...
+
+    def delete(self, uri: str) -> None: ...
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]: ...
+
+
+class LocalArtifactStore:
+    def __init__(self, root_uri: str) -> None:
+        self.root_uri = root_uri.rstrip("/")
+        self.root = Path(url2pathname(urlparse(root_uri).path))
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, uri: str) -> Path:
+        path = Path(url2pathname(urlparse(uri).path)).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise KilnError("bad_artifact_uri", f"{uri} is outside the artifact store", 500)
+        return path
+
+    def put_file(self, local: Path, key: str) -> str:
+        dest = self.root / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-")
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)  # atomic on one filesystem: readers see all or nothing
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest.as_uri()
+
+    def get_file(self, uri: str, dest: Path) -> None:
+        shutil.copyfile(self._path(uri), dest)
+
+    def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
+        with open(self._path(uri), "rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+
+    def local_path(self, uri: str) -> Path:
+        return self._path(uri)
+
+    def size(self, uri: str) -> int:
+        return self._path(uri).stat().st_size
+
+    def delete(self, uri: str) -> None:
+        self._path(uri).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        base = self.root / prefix
+        if not base.exists():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith(".incoming-"):
+                st = path.stat()
+                yield BlobInfo(path.as_uri(), st.st_size, st.st_mtime)
+
+
+class S3ArtifactStore:
+    def __init__(self, root_uri: str) -> None:
+        import boto3  # only S3 deployments need it loaded
+
+        parsed = urlparse(root_uri)
+        self.root_uri = root_uri.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client = boto3.client("s3", endpoint_url=os.environ.get("KILN_S3_ENDPOINT_URL"))
+
+    def _key(self, uri: str) -> str:
+        parsed = urlparse(uri)
+        if parsed.netloc != self.bucket:
+            raise KilnError("bad_artifact_uri", f"{uri} is outside the artifact store", 500)
+        return parsed.path.lstrip("/")
+
+    def put_file(self, local: Path, key: str) -> str:
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        # An S3 PUT is atomic: the object appears whole once the upload completes.
+        self.client.upload_file(str(local), self.bucket, full)
+        return f"s3://{self.bucket}/{full}"
+
+    def get_file(self, uri: str, dest: Path) -> None:
+        self.client.download_file(self.bucket, self._key(uri), str(dest))
+
+    def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
+        if end <= start:
+            return
+        obj = self.client.get_object(Bucket=self.bucket, Key=self._key(uri),
+                                     Range=f"bytes={start}-{end - 1}")
+        yield from obj["Body"].iter_chunks(CHUNK)
+
+    def size(self, uri: str) -> int:
+        return int(self.client.head_object(Bucket=self.bucket, Key=self._key(uri))
+                   ["ContentLength"])
+
+    def delete(self, uri: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(uri))
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        full = "/".join(p for p in (self.prefix, prefix) if p)
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                yield BlobInfo(f"s3://{self.bucket}/{obj['Key']}", int(obj["Size"]),
+                               obj["LastModified"].timestamp())
+
+
+_STORES = {"file": LocalArtifactStore, "s3": S3ArtifactStore}
+
+
+def open_store(uri: str) -> ArtifactStore:
+    scheme = urlparse(uri).scheme
+    if scheme not in _STORES:
+        raise ValueError(f"KILN_ARTIFACT_URI scheme {scheme!r} is not one of {sorted(_STORES)}")
+    return _STORES[scheme](uri)
+
+
+def blob_age(info: BlobInfo) -> float:
+    return time.time() - info.modified

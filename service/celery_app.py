@@ -1,0 +1,40 @@
+"""The Celery app, configured from settings. The API only publishes tasks by name.
+
+Delivery settings follow from the database being the source of truth: a task is acknowledged
+after it ran (``acks_late``) and requeued if its worker dies, a worker takes one task at a time,
+and results are not stored in Celery (the job row holds them).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.settings import Settings
+
+BUILD_TASK = "kiln.build"
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("kiln", broker=settings.broker_url, set_as_current=False)
+    transport: dict[str, object] = {}
+    if settings.broker_url.startswith("sqla+"):
+        transport["polling_interval"] = 0.25  # the embedded broker polls its SQLite table
+    else:
+        # Redis redelivers an unacknowledged task after this long; fencing in the job row makes
+        # a redelivery harmless, and it must not come before a long build can finish.
+        transport["visibility_timeout"] = settings.build_timeout_s + 600
+    celery.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="kiln.default",
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return celery
+
+
+def publish_build(celery: Celery, job_id: str, queue: str) -> None:
+    celery.send_task(BUILD_TASK, args=[job_id], queue=queue)

@@ -1,0 +1,113 @@
+"""The build child: load the program, build, validate, time. One process per job attempt.
+
+Started by ``workers.sandbox`` with no credentials in its environment and under time and
+memory limits. It talks to its parent only through files in its work directory
+(``request.json`` in, ``result.json`` and the engine out) and phase lines on stdout, so a crash
+here (a segfault in a compiler, an OOM kill) costs one attempt and never the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+PHASE_PREFIX = "KILN-PHASE "
+
+
+def phase(name: str) -> None:
+    print(f"{PHASE_PREFIX}{name}", flush=True)
+
+
+def run(workdir: Path) -> dict[str, Any]:
+    import torch
+
+    from service.errors import KilnError
+    from workers.backends import get_backend
+    from workers.backends.base import InputProfile
+    from workers.program_guard import load_program
+    from workers.validation import validate_and_time
+
+    req = json.loads((workdir / "request.json").read_text())
+    device = req["device"]
+    profile = [InputProfile(p["name"], p["dtype"], tuple(p["min"]), tuple(p["opt"]),
+                            tuple(p["max"])) for p in req["profile"]]
+    timings: dict[str, float] = {}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        program = load_program(Path(req["program"]))
+    except KilnError as exc:
+        return {"ok": False, "error": {"code": exc.code, "message": exc.message,
+                                       "details": exc.details}, "timings": timings}
+    if device == "cuda":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, "cuda")
+    timings["load_s"] = time.perf_counter() - t0
+
+    backend = get_backend(req["backend"])
+    t0 = time.perf_counter()
+    try:
+        built = backend.build(program, profile, device, req["options"], workdir, log)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"ok": False, "timings": timings, "error": {
+            "code": "build_failed", "message": f"{req['backend']} build failed: "
+            f"{type(exc).__name__}: {str(exc)[:2000]}"}}
+    timings["build_s"] = time.perf_counter() - t0
+
+    phase("validating")
+    t0 = time.perf_counter()
+    try:
+        runner = backend.load(built.artifact, device, profile)
+        validation, benchmark = validate_and_time(program.module(), runner, profile, device,
+                                                  seed=int(req.get("seed", 0)))
+    except Exception as exc:
+        traceback.print_exc()
+        return {"ok": False, "timings": timings, "error": {
+            "code": "validation_error", "message": "the built engine could not be run: "
+            f"{type(exc).__name__}: {str(exc)[:2000]}"}}
+    timings["validate_s"] = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "ok": validation["passed"], "artifact": built.artifact.name, "timings": timings,
+        "build_report": {**built.report, "torch": torch.__version__},
+        "validation": validation, "benchmark": benchmark,
+    }
+    if not validation["passed"]:
+        bad = [f"{label} output {o['output']}: {_why(o)}"
+               for label, v in validation["shapes"].items() for o in v["outputs"]
+               if not o["passed"]]
+        result["error"] = {"code": "validation_failed",
+                           "message": "engine outputs differ from the program beyond "
+                           f"tolerance: {'; '.join(bad[:5])}"}
+    return result
+
+
+def _why(output: dict[str, Any]) -> str:
+    if output.get("reason"):
+        return str(output["reason"])
+    if output.get("nonfinite"):
+        return f"{output['nonfinite']} NaN/Inf values where eager has none"
+    if output.get("max_abs") is not None:
+        return f"max_abs={output['max_abs']:.3g} max_rel={output.get('max_rel', 0):.3g}"
+    return f"{output.get('mismatched')} mismatched values"
+
+
+def main() -> None:
+    workdir = Path(sys.argv[1])
+    phase("building")
+    result = run(workdir)
+    tmp = workdir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, default=str))
+    tmp.replace(workdir / "result.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Report what this host can build, as JSON on stdout.
+
+Run as ``python -m workers.probe`` in a child process: importing toolchains and asking CUDA
+about devices happens there, so the Celery process that forks nothing else never initialises
+CUDA, and a toolchain that crashes on import takes only the probe down.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from service.engine_cache import Target, toolchain_id
+from service.worker_registry import queue_name
+from workers.backends import BACKEND_NAMES, get_backend
+from workers.backends.aoti import cpu_arch
+
+
+def cuda_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "machine": platform.machine(), "cpu_arch": cpu_arch()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "compute_capability": cuda_arch(),
+                       "memory_mb": props.total_memory // 2**20, "cuda": torch.version.cuda,
+                       "count": torch.cuda.device_count()}
+    return info
+
+
+def probe(backends: list[str]) -> dict[str, Any]:
+    targets, unavailable = [], {}
+    for name in backends:
+        backend = get_backend(name)
+        reason = backend.unavailable_reason()
+        if reason:
+            unavailable[name] = reason
+            continue
+        for device in backend.devices():
+            versions = backend.toolchain(device)
+            arch = cuda_arch() if device == "cuda" else cpu_arch()
+            target = Target(name, device, arch, toolchain_id(versions))
+            targets.append({**target.as_dict(), "toolchain": versions,
+                            "queue": queue_name(target)})
+    return {"targets": targets, "unavailable": unavailable, "host": host_info()}
+
+
+if __name__ == "__main__":
+    wanted = sys.argv[1].split(",") if len(sys.argv) > 1 and sys.argv[1] else list(BACKEND_NAMES)
+    print(json.dumps(probe(wanted)))
