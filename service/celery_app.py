@@ -18,7 +18,11 @@ def make_celery(settings: Settings) -> Celery:
     celery = Celery("kiln", broker=settings.broker_url, set_as_current=False)
     transport: dict[str, object] = {}
     if settings.broker_url.startswith("sqla+"):
-        transport["polling_interval"] = 0.25  # the embedded broker polls its SQLite table
+        # The embedded broker polls its SQLite table, once a second by default. Its transport
+        # hands every option to create_engine, so the interval can only be set on the class.
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = 0.2
     else:
         # Redis redelivers an unacknowledged task after this long; fencing in the job row makes
         # a redelivery harmless, and it must not come before a long build can finish.
