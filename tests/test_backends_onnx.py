@@ -109,10 +109,16 @@ def test_conv_net_with_dynamic_batch(conv_program, tmp_path):
     _assert_runs_like_eager(conv_program, CONV_PROFILE, result.artifact)
 
 
-def test_encoder_with_two_dynamic_dims_and_a_shared_one(encoder_program, tmp_path):
+@pytest.fixture(scope="module")
+def encoder_build(encoder_program, tmp_path_factory):
+    result, _ = _build(encoder_program, ENCODER_PROFILE, tmp_path_factory.mktemp("encoder"))
+    return result
+
+
+def test_encoder_with_two_dynamic_dims_and_a_shared_one(encoder_program, encoder_build):
     import onnx
 
-    result, _ = _build(encoder_program, ENCODER_PROFILE, tmp_path)
+    result = encoder_build
 
     # Read the file itself, not only the report: the dims must be dim_params, not numbers.
     model = onnx.load(str(result.artifact))
@@ -124,8 +130,8 @@ def test_encoder_with_two_dynamic_dims_and_a_shared_one(encoder_program, tmp_pat
     _assert_runs_like_eager(encoder_program, ENCODER_PROFILE, result.artifact)
 
 
-def test_runner_takes_inputs_in_profile_order(encoder_program, tmp_path):
-    result, _ = _build(encoder_program, ENCODER_PROFILE, tmp_path)
+def test_runner_takes_inputs_in_profile_order(encoder_build):
+    result = encoder_build
     with pytest.raises(ValueError, match="do not match the ONNX graph inputs"):
         OnnxBackend().load(result.artifact, "cpu", [ENCODER_PROFILE[0]])
     runner = OnnxBackend().load(result.artifact, "cpu", ENCODER_PROFILE)

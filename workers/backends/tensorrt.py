@@ -157,7 +157,9 @@ class TensorRTBackend:
         import torch_tensorrt
 
         workdir = Path(workdir)
-        inputs = [torch_tensorrt.Input(**kwargs) for kwargs in profile_to_inputs(profile)]
+        # list[Any]: Torch-TensorRT annotates arg_inputs as Sequence[Sequence[Any]], yet its
+        # documented use (and this one) passes Input objects.
+        inputs: list[Any] = [torch_tensorrt.Input(**kw) for kw in profile_to_inputs(profile)]
         shared_cache = timing_cache_file(timing_cache_dir(), toolchain)
         build_cache = workdir / "timing.cache"
         cache_was_warm = _copy_if_exists(shared_cache, build_cache)
@@ -456,7 +458,7 @@ def _deserialize(path: Path) -> tuple[trt.Runtime, trt.ICudaEngine]:
     runtime = trt.Runtime(_trt_logger())
     # engine_host_code_allowed stays False: Kiln never builds plans that embed a lean runtime.
     engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-    if engine is None:
+    if engine is None:  # what TensorRT returns on a version or device mismatch (stubs say never)
         raise RuntimeError(
             f"TensorRT {trt.__version__} could not load {path}: it was built by another "
             "TensorRT version or for another GPU (see the TensorRT log above)"

@@ -1,0 +1,551 @@
+"""service.archive (inspection without torch or pickle) and workers.program_guard (the load).
+
+Programs are tiny and exported once per module. The hostile corpus is built here, byte by byte
+where zipfile would not write what an attacker can; payloads that would run code create a
+canary file, and the controls show that plain torch.export.load does create it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import stat
+import struct
+import subprocess
+import sys
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.export import Dim, export, save
+
+from service.archive import SCALAR_TYPES, ArchiveLimits, inspect_archive
+from service.errors import KilnError
+from workers.program_guard import load_program, verify_pickled_entries
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The same model source is compiled under different file names to get exports that differ only
+# in metadata (stack traces, module paths), as when two scripts export one architecture.
+NET_SOURCE = """
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, scale, padding):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=padding)
+        self.register_buffer("shift", torch.linspace(0, 1, 4).reshape(1, 4, 1, 1))
+        self.scale = scale
+
+    def forward(self, x, y):
+        return self.conv(x) * self.scale + self.shift, y.sum(dim=1) * self.scale
+"""
+
+
+def _net(seed: int, scale: float = 2.0, padding: int = 1, filename: str = "net_a.py"
+         ) -> torch.nn.Module:
+    namespace: dict[str, Any] = {"__name__": Path(filename).stem}
+    exec(compile(NET_SOURCE, filename, "exec"), namespace)  # noqa: S102 - our own source
+    torch.manual_seed(seed)
+    return namespace["Net"](scale, padding).eval()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(2, 3, 16, 8, generator=gen), torch.randn(2, 5, generator=gen)
+
+
+BATCH = Dim("batch", min=1, max=32)
+HEIGHT = Dim("height", min=4, max=64)
+DYNAMIC = {"x": {0: BATCH, 2: HEIGHT}, "y": {0: BATCH, 1: Dim("n")}}
+
+
+def _export(module: torch.nn.Module, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(export(module, _inputs(), dynamic_shapes=DYNAMIC), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("programs")
+    base_ep = export(_net(0), _inputs(), dynamic_shapes=DYNAMIC)
+    paths = {"base": root / "one" / "base.pt2", "base_again": root / "one" / "again.pt2",
+             "base_renamed": root / "two" / "renamed.pt2"}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(base_ep, str(path))
+    paths["other_weights"] = _export(_net(1), root / "w.pt2")
+    paths["other_scale"] = _export(_net(0, scale=3.0), root / "s.pt2")
+    paths["other_script"] = _export(_net(0, filename="/elsewhere/net_b.py"), root / "b.pt2")
+
+    class Derived(torch.nn.Module):
+        def forward(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a, a]) + c
+
+    b = Dim("b", min=1, max=8)
+    save(export(Derived(), (torch.randn(3), torch.randn(6)),
+                dynamic_shapes={"a": {0: b}, "c": {0: 2 * b}}), str(root / "derived.pt2"))
+    paths["derived"] = root / "derived.pt2"
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+            return x * n
+
+    save(export(Scaled(), (torch.randn(3), 4)), str(root / "int_input.pt2"))
+    paths["int_input"] = root / "int_input.pt2"
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Signature and hashes
+
+
+def test_signature_of_dynamic_program(programs: dict[str, Path]) -> None:
+    info = inspect_archive(programs["base"])
+    x, y = info.inputs
+    assert (x.name, x.dtype, y.name, y.dtype) == ("x", "float32", "y", "float32")
+    batch, channels, height, width = x.dims
+    assert (batch.min, batch.max, batch.hint) == (1, 32, 2)
+    assert batch.static is None and batch.symbol and not batch.derived
+    assert (height.min, height.max, height.hint) == (4, 64, 16)
+    assert height.symbol != batch.symbol
+    assert (channels.static, width.static) == (3, 8)
+    # One Dim object used twice is one symbol; a Dim without bounds has no max.
+    assert y.dims[0].symbol == batch.symbol
+    assert y.dims[1].symbol not in (batch.symbol, height.symbol)
+    assert y.dims[1].max is None and y.dims[1].hint == 5
+    assert info.outputs and len(info.outputs) == 2
+    assert info.pickled_entries == ("data/sample_inputs/model.pt",)
+    assert info.torch_version == torch.__version__
+    assert info.schema_version.split(".")[0] == "8"
+
+    doc = info.to_json()
+    json.dumps(doc)
+    assert doc["inputs"][0]["shape"] == [{"symbol": batch.symbol, "min": 1, "max": 32}, 3,
+                                         {"symbol": height.symbol, "min": 4, "max": 64}, 8]
+    assert doc["inputs"][0]["example_shape"] == [2, 3, 16, 8]
+    assert doc["inputs"][1]["shape"][1]["max"] is None
+
+
+def test_derived_dim(programs: dict[str, Path]) -> None:
+    a, c = inspect_archive(programs["derived"]).inputs
+    (root,), (derived,) = a.dims, c.dims
+    assert (root.min, root.max, root.derived) == (1, 8, False)
+    assert derived.derived and derived.symbol == f"2*{root.symbol}"
+    assert (derived.min, derived.max, derived.hint) == (2, 16, 6)
+    assert derived.to_json() == {"symbol": f"2*{root.symbol}", "min": 2, "max": 16,
+                                 "derived": True}
+
+
+def test_non_tensor_input_is_refused(programs: dict[str, Path]) -> None:
+    with pytest.raises(KilnError) as err:
+        inspect_archive(programs["int_input"])
+    assert err.value.code == "unsupported_input"
+    assert err.value.details["input"] == "n"
+
+
+def test_same_program_saved_twice_or_renamed_hashes_the_same(programs: dict[str, Path]) -> None:
+    infos = [inspect_archive(programs[k]) for k in ("base", "base_again", "base_renamed")]
+    for attr in ("model_hash", "graph_hash", "weights_hash"):
+        assert len({getattr(i, attr) for i in infos}) == 1, attr
+    raw = {programs[k].read_bytes() for k in ("base", "base_again", "base_renamed")}
+    assert len(raw) > 1  # the files themselves differ (root folder name)
+
+
+def test_other_weights_change_weights_and_model_hash_only(programs: dict[str, Path]) -> None:
+    base, other = inspect_archive(programs["base"]), inspect_archive(programs["other_weights"])
+    assert base.graph_hash == other.graph_hash
+    assert base.weights_hash != other.weights_hash
+    assert base.model_hash != other.model_hash
+
+
+def test_other_op_argument_changes_graph_hash(programs: dict[str, Path]) -> None:
+    base, other = inspect_archive(programs["base"]), inspect_archive(programs["other_scale"])
+    assert base.graph_hash != other.graph_hash
+    assert base.weights_hash == other.weights_hash
+
+
+def test_other_script_changes_metadata_only(programs: dict[str, Path]) -> None:
+    base, other = inspect_archive(programs["base"]), inspect_archive(programs["other_script"])
+    # Stack traces name the exporting file: raw content differs, the computation does not.
+    assert base.model_hash != other.model_hash
+    assert base.graph_hash == other.graph_hash
+    assert base.weights_hash == other.weights_hash
+
+
+def test_dtype_table_matches_torch() -> None:
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    theirs = {int(code): str(dtype).removeprefix("torch.")
+              for code, dtype in _SERIALIZE_TO_TORCH_DTYPE.items()}
+    assert SCALAR_TYPES == theirs
+
+
+def test_inspection_does_not_import_torch(programs: dict[str, Path]) -> None:
+    code = ("import sys; from service.archive import inspect_archive; "
+            f"inspect_archive({str(programs['base'])!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_legit_program_loads_and_runs(programs: dict[str, Path]) -> None:
+    program = load_program(programs["base"])
+    x, y = torch.randn(5, 3, 24, 8), torch.randn(5, 7)
+    got = program.module()(x, y)
+    want = _net(0)(x, y)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile corpus: zip structure
+
+
+def _entries(path: Path) -> tuple[str, dict[str, bytes]]:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        root = names[0].split("/", 1)[0]
+        return root, {n.split("/", 1)[1]: zf.read(n) for n in names}
+
+
+def _write_zip(dest: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names
+        with zipfile.ZipFile(dest, "w") as zf:
+            for info, data in members:
+                zf.writestr(info, data)
+    return dest
+
+
+def _derive(src: Path, dest: Path, *, add: dict[str, bytes] | None = None,
+            replace: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
+            raw: list[tuple[zipfile.ZipInfo | str, bytes]] | None = None) -> Path:
+    """Copy of a real archive with entries added/replaced/dropped (names below the root)."""
+    root, entries = _entries(src)
+    members: list[tuple[zipfile.ZipInfo | str, bytes]] = []
+    for name, data in entries.items():
+        if name not in drop:
+            members.append((f"{root}/{name}", (replace or {}).get(name, data)))
+    members += [(f"{root}/{name}", data) for name, data in (add or {}).items()]
+    members += raw or []
+    return _write_zip(dest, members)
+
+
+def _raw_zip(dest: Path, names: list[bytes], flags: int = 0) -> Path:
+    """A valid zip of empty stored entries, written directly (zipfile is slow at 100k)."""
+    local, central = bytearray(), bytearray()
+    for name in names:
+        offset = len(local)
+        local += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, flags, 0, 0, 0x21, 0, 0, 0,
+                             len(name), 0) + name
+        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, flags, 0, 0,
+                               0x21, 0, 0, 0, len(name), 0, 0, 0, 0, 0, offset) + name
+    count, cd_offset, cd_size = len(names), len(local), len(central)
+    tail = bytearray()
+    if count >= 0xFFFF:
+        zip64_at = cd_offset + cd_size
+        tail += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
+                            cd_size, cd_offset)
+        tail += struct.pack("<4sIQI", b"PK\x06\x07", 0, zip64_at, 1)
+        count = 0xFFFF
+    tail += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, cd_size, cd_offset, 0)
+    dest.write_bytes(bytes(local + central + tail))
+    return dest
+
+
+def _zinfo(name: str, mode: int | None = None, method: int = zipfile.ZIP_STORED
+           ) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.compress_type = method
+    if mode is not None:
+        info.create_system = 3
+        info.external_attr = mode << 16
+    return info
+
+
+def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
+    dest = tmp / f"{name}.pt2"
+    limits = ArchiveLimits()
+    root = _entries(base)[0]
+    if name == "not_a_zip":
+        dest.write_bytes(b"this is not a zip archive\n" * 100)
+    elif name == "truncated":
+        dest.write_bytes(base.read_bytes()[: base.stat().st_size // 2])
+    elif name == "empty_zip":
+        _write_zip(dest, [])
+    elif name == "zip_bomb":
+        with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"{root}/archive_format", b"pt2")
+            zf.writestr(f"{root}/data/weights/weight_0", bytes(16 * 1024**2))
+    elif name == "too_many_entries":
+        _raw_zip(dest, [f"{root}/e{i}".encode() for i in range(100_000)])
+    elif name == "too_large":
+        dest.write_bytes(base.read_bytes())
+        limits = ArchiveLimits(max_uncompressed_bytes=1000)
+    elif name == "json_over_limit":
+        dest.write_bytes(base.read_bytes())
+        limits = ArchiveLimits(max_json_bytes=100)
+    elif name == "traversal":
+        _derive(base, dest, add={"../../evil": b"x"})
+    elif name == "absolute":
+        _derive(base, dest, raw=[("/etc/evil", b"x")])
+    elif name == "backslash":
+        _derive(base, dest, raw=[(f"{root}\\..\\evil", b"x")])
+    elif name == "drive_letter":
+        _derive(base, dest, raw=[("C:/evil", b"x")])
+    elif name == "symlink":
+        _derive(base, dest, raw=[(_zinfo(f"{root}/extra/link", stat.S_IFLNK | 0o777),
+                                  b"/etc/passwd")])
+    elif name == "duplicate":
+        _derive(base, dest, raw=[(f"{root}/models/model.json", b"{}")])
+    elif name == "encrypted":
+        _raw_zip(dest, [f"{root}/archive_format".encode()], flags=0x1)
+    elif name == "bzip2":
+        _derive(base, dest, raw=[(_zinfo(f"{root}/extra/x", method=zipfile.ZIP_BZIP2), b"x")])
+    elif name == "aotinductor":
+        _derive(base, dest, add={"data/aotinductor/model/model.so": b"\x7fELF"})
+    elif name == "shared_library":
+        _derive(base, dest, add={"extra/helper.so": b"\x7fELF"})
+    elif name == "outside_root":
+        _derive(base, dest, raw=[("version", b"1")])
+    elif name == "no_model":
+        _derive(base, dest, drop=("models/model.json",))
+    elif name == "second_model":
+        _derive(base, dest, add={"models/evil.json": b"{}"})
+    elif name == "bad_json":
+        _derive(base, dest, replace={"models/model.json": b'{"graph_module": '})
+    elif name == "custom_object":
+        _derive(base, dest, add={"data/constants/custom_obj_0": b"\x80\x04N."})
+    elif name == "legacy_weights":
+        _derive(base, dest, add={"data/weights/model.pt": b"\x80\x04N."})
+    else:
+        raise AssertionError(name)
+    return dest, limits
+
+
+HOSTILE = {
+    "not_a_zip": "not_a_zip",
+    "truncated": "not_a_zip",
+    "empty_zip": "not_an_exported_program",
+    "zip_bomb": "archive_compression_ratio",
+    "too_many_entries": "archive_too_many_entries",
+    "too_large": "archive_too_large",
+    "json_over_limit": "archive_too_large",
+    "traversal": "archive_unsafe_path",
+    "absolute": "archive_unsafe_path",
+    "backslash": "archive_unsafe_path",
+    "drive_letter": "archive_unsafe_path",
+    "symlink": "archive_link",
+    "duplicate": "archive_duplicate_entry",
+    "encrypted": "archive_encrypted",
+    "bzip2": "archive_unsupported_compression",
+    "aotinductor": "archive_compiled_code",
+    "shared_library": "archive_compiled_code",
+    "outside_root": "not_an_exported_program",
+    "no_model": "not_an_exported_program",
+    "second_model": "archive_multiple_models",
+    "bad_json": "archive_bad_json",
+    "custom_object": "archive_custom_object",
+    "legacy_weights": "archive_legacy_format",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_archive_is_refused(case: str, programs: dict[str, Path],
+                                    tmp_path: Path) -> None:
+    path, limits = _case(case, programs["base"], tmp_path)
+    with pytest.raises(KilnError) as err:
+        inspect_archive(path, limits)
+    assert err.value.code == HOSTILE[case], err.value.message
+    assert err.value.status == 400
+    assert err.value.message and isinstance(err.value.details, dict)
+
+
+def test_too_many_entries_is_refused_before_listing(programs: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    path, _ = _case("too_many_entries", programs["base"], tmp_path)
+    with zipfile.ZipFile(path) as zf:  # the raw builder writes a zip that zipfile reads
+        assert len(zf.infolist()) == 100_000
+    with pytest.raises(KilnError) as err:
+        inspect_archive(path)
+    assert err.value.details["entries"] == 100_000
+    assert err.value.details["limit"] == 10_000
+
+
+def test_compression_ratio_applies_only_to_large_entries(programs: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    # Small, highly compressible entries are normal (JSON); they are within the total bound.
+    root, entries = _entries(programs["base"])
+    dest = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(f"{root}/{name}", data)
+        zf.writestr(f"{root}/extra/zeros.txt", bytes(512 * 1024))
+    assert inspect_archive(dest).model_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile corpus: code execution through pickles and evaluated strings
+
+
+class _Payload:
+    """Unpickling this opens (creates) ``path``: proof that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def _torch_save_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _edit_model_json(base: Path, dest: Path, edit: Any) -> Path:
+    model = json.loads(_entries(base)[1]["models/model.json"])
+    edit(model)
+    return _derive(base, dest, replace={"models/model.json": json.dumps(model).encode()})
+
+
+def _payload_archive(kind: str, base: Path, dest: Path, canary: Path) -> Path:
+    if kind == "sample_inputs":
+        return _derive(base, dest, replace={
+            "data/sample_inputs/model.pt": _torch_save_bytes(_Payload(canary))})
+    if kind == "use_pickle_weight":
+        entries = _entries(base)[1]
+        config = json.loads(entries["data/weights/model_weights_config.json"])
+        meta = config["config"]["conv.weight"]
+        meta["use_pickle"] = True
+        return _derive(base, dest, replace={
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            "data/weights/" + meta["path_name"]: _torch_save_bytes(_Payload(canary))})
+    if kind == "expr_str":
+        def edit(model: dict[str, Any]) -> None:
+            size = model["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]
+            size["as_expr"]["expr_str"] = (
+                f"__import__('builtins').open({str(canary)!r}, 'w') and "
+                + size["as_expr"]["expr_str"])
+        return _edit_model_json(base, dest, edit)
+    if kind == "guards_code":
+        def edit(model: dict[str, Any]) -> None:
+            model["guards_code"].append(
+                f"__import__('builtins').open({str(canary)!r}, 'w') is not None")
+        return _edit_model_json(base, dest, edit)
+    raise AssertionError(kind)
+
+
+def _unguarded(kind: str, path: Path) -> None:
+    """What a service without the guard would do with the archive."""
+    with contextlib.suppress(Exception):
+        program = torch.export.load(str(path))
+        if kind == "guards_code":
+            program.module()(*_inputs())
+
+
+PAYLOADS = {
+    # kind: (code from inspect_archive, or None when inspection lists it as pickled,
+    #        code from load_program)
+    "sample_inputs": (None, "archive_unsafe_pickle"),
+    "use_pickle_weight": (None, "archive_unsafe_pickle"),
+    "expr_str": ("archive_unsafe_expression", "archive_unsafe_expression"),
+    "guards_code": ("archive_unsafe_expression", "archive_unsafe_expression"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_code_in_archive_never_runs(kind: str, programs: dict[str, Path],
+                                    tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    path = _payload_archive(kind, programs["base"], tmp_path / f"{kind}.pt2", canary)
+    inspect_code, load_code = PAYLOADS[kind]
+
+    if inspect_code is None:
+        info = inspect_archive(path)
+        assert any(e.startswith(("data/sample_inputs/", "data/weights/"))
+                   for e in info.pickled_entries)
+    else:
+        with pytest.raises(KilnError) as err:
+            inspect_archive(path)
+        assert err.value.code == inspect_code
+    assert not canary.exists()
+
+    with pytest.raises(KilnError) as err:
+        load_program(path)
+    assert err.value.code == load_code
+    assert err.value.details.get("entry")
+    assert not canary.exists()
+
+    # Control: the payload is live, so the assertions above mean something.
+    _unguarded(kind, path)
+    assert canary.exists(), f"{kind} payload did not run without the guard"
+
+
+def test_enum_treespec_is_refused(programs: dict[str, Path], tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        sig = model["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(sig["in_spec"])
+        spec[1]["children_spec"][1]["context"] = json.dumps(
+            [{"__enum__": True, "fqn": "os:path", "name": "sep"}])
+        sig["in_spec"] = json.dumps(spec)
+
+    path = _edit_model_json(programs["base"], tmp_path / "enum.pt2", edit)
+    with pytest.raises(KilnError) as err:
+        inspect_archive(path)
+    assert err.value.code == "archive_unsafe_treespec"
+
+
+def test_pickled_plain_tensor_weight_loads(programs: dict[str, Path], tmp_path: Path) -> None:
+    entries = _entries(programs["base"])[1]
+    config = json.loads(entries["data/weights/model_weights_config.json"])
+    meta = config["config"]["conv.weight"]
+    weight = torch.nn.Parameter(_net(0).conv.weight.detach().clone())
+    meta["use_pickle"] = True
+    path = _derive(programs["base"], tmp_path / "pickled_weight.pt2", replace={
+        "data/weights/model_weights_config.json": json.dumps(config).encode(),
+        "data/weights/" + meta["path_name"]: _torch_save_bytes(weight)})
+    info = inspect_archive(path)
+    assert "data/weights/" + meta["path_name"] in info.pickled_entries
+    program = load_program(path)
+    x, y = _inputs()
+    torch.testing.assert_close(program.module()(x, y)[0], _net(0)(x, y)[0])
+
+
+def test_pickled_entry_with_other_objects_is_refused(programs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    # weights_only=True accepts torch.Size and dtypes; the guard wants tensors and plain values.
+    path = _derive(programs["base"], tmp_path / "size.pt2", replace={
+        "data/sample_inputs/model.pt": _torch_save_bytes(((torch.Size([2, 3]),), {}))})
+    with pytest.raises(KilnError) as err:
+        verify_pickled_entries(path)
+    assert err.value.code == "archive_unsafe_pickle"
+    assert err.value.details["entry"] == "data/sample_inputs/model.pt"
+
+
+def test_reader_disagreement_is_refused(programs: dict[str, Path]) -> None:
+    info = inspect_archive(programs["base"])
+    forged = dataclasses.replace(info, entry_sha256=tuple(
+        (name, "0" * 64 if name == "models/model.json" else digest)
+        for name, digest in info.entry_sha256))
+    with pytest.raises(KilnError) as err:
+        verify_pickled_entries(programs["base"], forged)
+    assert err.value.code == "archive_reader_mismatch"
+
+
+def test_zip_helpers_write_valid_archives(tmp_path: Path) -> None:
+    path = _raw_zip(tmp_path / "raw.zip", [b"r/a", b"r/b"])
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist() == ["r/a", "r/b"]
+        assert zf.testzip() is None
+    assert zlib.crc32(b"") == 0  # the raw builder writes CRC 0 for its empty entries
+    assert os.path.getsize(path) > 0
