@@ -85,9 +85,6 @@ UNVERIFIABLE_CONSTANT_PREFIXES = ("custom_obj_", "opaque_obj_")
 
 # Older exports wrote sys.maxsize - 1 for "no upper bound" before int_oo serialised as null.
 _UNBOUNDED_MAX = sys.maxsize - 1
-_EOCD = b"PK\x05\x06"
-_ZIP64_LOCATOR = b"PK\x06\x07"
-_ZIP64_EOCD = b"PK\x06\x06"
 # Generous bytes per central-directory record (46 fixed + name + extra + comment).
 _MAX_CD_RECORD = 4096
 
@@ -190,35 +187,22 @@ def _directory_size(fh: Any, file_size: int) -> tuple[int, int]:
     """(entry count, central directory bytes) from the end-of-central-directory record.
 
     Read before ``zipfile`` builds a ZipInfo per entry, so a directory of millions of entries is
-    refused without the memory it would take to list it.
+    refused without the memory it would take to list it. ``zipfile._EndRecData`` is private, but
+    it is the function ``ZipFile`` itself uses to find the record (fast path, comment search,
+    zip64 override): with a parser of our own, a crafted tail could make the two read different
+    records.
     """
     if file_size < 22:
         raise _refuse("not_a_zip", "the upload is not a zip archive (too short); upload the "
                       "file written by torch.export.save", size=file_size)
-    tail_len = min(file_size, 22 + 65535)
-    fh.seek(file_size - tail_len)
-    tail = fh.read(tail_len)
-    pos = tail.rfind(_EOCD)
-    if pos < 0 or len(tail) - pos < 22:
+    try:
+        endrec = zipfile._EndRecData(fh)
+    except (zipfile.BadZipFile, OSError, struct.error) as exc:
+        raise _refuse("not_a_zip", f"the upload is not a readable zip archive ({exc})") from None
+    if endrec is None:
         raise _refuse("not_a_zip", "the upload is not a zip archive, or it is truncated; upload "
                       "the complete file written by torch.export.save")
-    count, cd_size = struct.unpack("<HI", tail[pos + 10 : pos + 16])
-    if count != 0xFFFF and cd_size != 0xFFFFFFFF:
-        return int(count), int(cd_size)
-    loc = pos - 20
-    if loc < 0 or tail[loc : loc + 4] != _ZIP64_LOCATOR:
-        raise _refuse("not_a_zip", "the zip64 directory locator is missing; the archive is "
-                      "damaged or truncated")
-    offset = struct.unpack("<Q", tail[loc + 8 : loc + 16])[0]
-    if offset + 56 > file_size:
-        raise _refuse("not_a_zip", "the zip64 directory points outside the file; the archive is "
-                      "damaged or truncated")
-    fh.seek(offset)
-    rec = fh.read(56)
-    if rec[:4] != _ZIP64_EOCD:
-        raise _refuse("not_a_zip", "the zip64 directory record is damaged")
-    count, cd_size = struct.unpack("<QQ", rec[32:48])
-    return int(count), int(cd_size)
+    return int(endrec[zipfile._ECD_ENTRIES_TOTAL]), int(endrec[zipfile._ECD_SIZE])
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -918,7 +902,13 @@ def inspect_archive(
             raise _refuse("not_a_zip", f"the upload is not a readable zip archive ({exc}); "
                           "upload the file written by torch.export.save") from None
         with zf:
-            return _inspect(zf, limits)
+            try:
+                return _inspect(zf, limits)
+            except RecursionError:
+                # json.loads bounds nesting by the recursion limit; hashing walks the same tree
+                # from a deeper stack, so a file right at that bound can trip it here instead.
+                raise _refuse("archive_bad_json", "a JSON entry of the archive is nested too "
+                              "deeply to process; re-export with torch.export.save") from None
 
 
 def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:

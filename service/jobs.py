@@ -21,7 +21,7 @@ from service import engine_cache, worker_registry
 from service.celery_app import publish_build
 from service.engine_cache import Target, digest
 from service.errors import KilnError, NotFound
-from service.models import ACTIVE_STATES, TERMINAL_STATES, Engine, Job, Model, utcnow
+from service.models import ACTIVE_STATES, TERMINAL_STATES, Engine, Job, Model, Submission, utcnow
 from service.profiles import resolve_profile
 from service.services import Services
 from service.targets import normalize_options
@@ -87,6 +87,8 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
         if found.engine is not None:
             found.engine.hits += 1
             found.engine.last_used_at = utcnow()
+            session.add(Submission(owner=owner, model_id=model.id, backend=backend,
+                                   device=device, outcome="cached", engine_id=found.engine.id))
             return SubmitResult("cached", engine=found.engine, reason=found.reason)
         misses = engine_cache.explain_miss(
             session, model.model_hash, model.graph_hash, model.weights_hash, backend, device,
@@ -117,7 +119,11 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
                 Job.cache_key == key, Job.status.in_(ACTIVE_STATES))).first()
             if active is None:  # it finished between our insert and this read: look again
                 return submit(services, owner, request)
+            session.add(Submission(owner=owner, model_id=model.id, backend=backend,
+                                   device=device, outcome="joined", job_id=active.id))
             return SubmitResult("joined", job=active, reason="an identical build is running")
+        session.add(Submission(owner=owner, model_id=model.id, backend=backend, device=device,
+                               outcome="queued", job_id=job.id))
     publish_build(services.celery, job.id, job.queue)
     return SubmitResult("queued", job=job, reason="no stored engine serves this request")
 

@@ -283,7 +283,7 @@ def test_unavailable_reason_is_clear_without_tensorrt():
 
 def test_build_refuses_non_cuda_devices_before_touching_tensorrt(tmp_path):
     with pytest.raises(KilnError) as err:
-        TensorRTBackend().build(None, [BATCH], "cpu", OPTIONS, tmp_path, print)  # type: ignore[arg-type]
+        TensorRTBackend().build(None, [BATCH], "cpu", OPTIONS, tmp_path, print)
     assert err.value.code == "unsupported_device"
     with pytest.raises(ValueError, match="runs on 'cuda'"):
         TensorRTBackend().load(tmp_path / "model.engine", "cpu", [BATCH])
