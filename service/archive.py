@@ -27,6 +27,7 @@ import stat
 import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -283,17 +284,17 @@ def _check_directory(
                               limit=limits.max_compression_ratio)
         root, _, rest = name.partition("/")
         roots.add(root)
+        # Checked for directory entries too: torch finds AOTInductor models by name prefix.
+        if rest.startswith(COMPILED_DIRS) or rest.lower().endswith(COMPILED_SUFFIXES):
+            raise _refuse("archive_compiled_code", f"archive entry {rest!r} is compiled code; "
+                          "Kiln accepts programs only (torch.export.save), never AOTInductor "
+                          "packages or native libraries", entry=rest)
         if name.endswith("/"):
             continue
         if not rest:
             raise _refuse("not_an_exported_program", f"archive entry {name!r} is not inside the "
                           "archive's root folder; torch.export.save puts every entry in one "
                           "folder", entry=name)
-        lowered = rest.lower()
-        if rest.startswith(COMPILED_DIRS) or lowered.endswith(COMPILED_SUFFIXES):
-            raise _refuse("archive_compiled_code", f"archive entry {rest!r} is compiled code; "
-                          "Kiln accepts programs only (torch.export.save), never AOTInductor "
-                          "packages or native libraries", entry=rest)
         entries[rest] = info
     if len(roots) != 1:
         raise _refuse("not_an_exported_program", "the archive's entries are not all in one root "
@@ -313,7 +314,7 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limit: in
         with zf.open(info) as fh:
             # Read one byte past the limit: the declared size is not trusted.
             data = fh.read(limit + 1)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise _corrupt(name, exc) from None
     if len(data) > limit:
         raise _refuse("archive_too_large", f"archive entry {name!r} is over the limit of "
@@ -337,7 +338,7 @@ def _sha256_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> str:
                     raise _refuse("archive_corrupt", f"archive entry {name!r} holds more data "
                                   "than its directory record says", entry=name)
                 digest.update(chunk)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise _corrupt(name, exc) from None
     return digest.hexdigest()
 

@@ -64,6 +64,7 @@ def test_fifty_concurrent_identical_submits_make_one_job(postgres_url: str, redi
                                                          programs: dict[str, Path]) -> None:
     broker = redis_url.rsplit("/", 1)[0] + "/15"
     services = _services(tmp_path, postgres_url, broker)
+    redis.Redis.from_url(broker).flushdb()
     model_id = _model(services, programs["convnet"])
     barrier = threading.Barrier(50)
     results: list[str] = []
