@@ -15,7 +15,8 @@ serve: $(STAMP)
 	$(VENV)/bin/kiln serve
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check service workers migrations tests bench examples
+	$(VENV)/bin/ruff check service workers migrations tests bench examples scripts
+	scripts/typecheck_tensorrt.sh
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)

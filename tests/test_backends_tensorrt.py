@@ -264,10 +264,14 @@ def test_program_dynamic_shapes_share_one_dim_per_program_symbol(shared_batch_pr
 
 def test_forward_logs_sends_records_to_the_build_log():
     lines: list[str] = []
-    with trt_backend.forward_logs("torch_tensorrt.test", lines.append):
-        logging.getLogger("torch_tensorrt.test.child").info("building %s", "engine")
-    logging.getLogger("torch_tensorrt.test.child").info("after")
-    assert lines == ["info: building engine"]
+    levels = {"kiln.test.lib": logging.INFO, "kiln test trt": logging.WARNING}
+    with trt_backend.forward_logs(levels, lines.append):
+        logging.getLogger("kiln.test.lib.child").info("building %s", "engine")
+        logging.getLogger("kiln test trt").info("layer chatter")
+        logging.getLogger("kiln test trt").warning("weights look odd")
+    logging.getLogger("kiln.test.lib.child").info("after")
+    assert lines == ["info: building engine", "warning: weights look odd"]
+    assert logging.getLogger("kiln.test.lib").level == logging.NOTSET
 
 
 @pytest.mark.skipif(

@@ -56,6 +56,10 @@ def run(workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         built = backend.build(program, profile, device, req["options"], workdir, log)
+    except KilnError as exc:  # a refusal the backend explained: keep its code and details
+        traceback.print_exc()
+        return {"ok": False, "timings": timings, "error": {
+            "code": exc.code, "message": exc.message, "details": exc.details}}
     except Exception as exc:
         traceback.print_exc()
         return {"ok": False, "timings": timings, "error": {

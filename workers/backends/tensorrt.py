@@ -167,7 +167,7 @@ class TensorRTBackend:
         settings = torch_tensorrt_settings(options)
         settings["timing_cache_path"] = str(build_cache)
 
-        with forward_logs("torch_tensorrt", log):
+        with forward_logs(TORCH_TENSORRT_LOGS, log):
             if fmt == ENGINE_FORMAT:
                 plan = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
                     program, arg_inputs=inputs, **settings
@@ -352,24 +352,36 @@ def check_engine_against_request(
     return problems
 
 
+# Torch-TensorRT logs through "torch_tensorrt.*"; TensorRT's own messages reach Python through
+# a logger outside that hierarchy. TensorRT's INFO is per-layer chatter: keep its warnings only.
+TORCH_TENSORRT_LOGS = {
+    "torch_tensorrt": logging.INFO,
+    "torch_tensorrt [TensorRT Conversion Context]": logging.WARNING,
+}
+
+
 @contextlib.contextmanager
-def forward_logs(logger_name: str, log: Callable[[str], None]) -> Iterator[None]:
-    """Send a library's Python log records at INFO and above to the build log meanwhile."""
+def forward_logs(levels: dict[str, int], log: Callable[[str], None]) -> Iterator[None]:
+    """Send Python log records of the named loggers, from the given levels, to the build log."""
 
     class _Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             log(f"{record.levelname.lower()}: {record.getMessage()}")
 
-    logger = logging.getLogger(logger_name)
-    handler = _Forward(logging.INFO)
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(min(old_level or logging.INFO, logging.INFO))
+    saved = []
+    for name, level in levels.items():
+        logger, handler = logging.getLogger(name), _Forward(level)
+        saved.append((logger, handler, logger.level))
+        logger.addHandler(handler)
+        # Lower the logger's own threshold if needed, or the records never reach the handler.
+        if logger.getEffectiveLevel() > level:
+            logger.setLevel(level)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+        for logger, handler, old_level in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
 
 
 # ---------------------------------------------------------------------------------------------
