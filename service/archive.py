@@ -376,7 +376,12 @@ _GUARD_MATH = frozenset({"inf", "nan", "isnan", "isinf", "floor", "ceil", "trunc
 _GUARD_CALLS = frozenset({"int", "float", "abs", "max", "min", "round", "bool",
                           "IsNonOverlappingAndDenseIndicator"})
 _GUARD_NAMES = frozenset({"L", "math", "inf", "True", "False", "None"})
-_SAFE_STRING = re.compile(r"^[A-Za-z0-9_.+\-]{0,128}$")
+# srepr writes symbols as Symbol('s77', ...); bare names are only sympy's singletons.
+_SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "pi", "E", "I", "int_oo",
+                          "True", "False", "None"})
+# String literals: a name (symbol names, L['x'] keys) or a number (Float('1.5')). No dots in
+# names, so sympify cannot be handed an attribute chain inside a string.
+_SAFE_STRING = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127}|[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub,
               ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt,
@@ -459,7 +464,7 @@ def check_sympy_expression(text: str) -> ast.Expression:
         if _check_common(node):
             continue
         if isinstance(node, ast.Name):
-            if not _SAFE_NAME.match(node.id):
+            if node.id not in _SYMPY_NAMES and node.id not in _SYMPY_CALLS:
                 raise _Unsafe(f"name {node.id!r} is not allowed")
         elif isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS):
@@ -584,16 +589,15 @@ def _eval_monotone(node: ast.AST, env: dict[str, int]) -> int:
     """Evaluate an expression that is non-decreasing in every symbol, else raise."""
     if isinstance(node, ast.Expression):
         return _eval_monotone(node.body, env)
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
+    constant = _constant_int(node)
+    if constant is not None:
+        return constant
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
         fn, args = node.func.id, node.args
         if fn == "Symbol" and args and isinstance(args[0], ast.Constant):
             if args[0].value not in env:
                 raise _NotMonotone
             return env[args[0].value]
-        if fn == "Integer" and len(args) == 1:
-            return _eval_monotone(args[0], env)
         values = [_eval_monotone(a, env) for a in args]
         if fn == "Add":
             return sum(values)
@@ -924,12 +928,13 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     _, entries, total = _check_directory(infos, limits)
 
     # Layout: exactly one program, named "model". torch.export.load deserializes every
-    # models/*.json (running its pickles and expressions) yet returns only "model", so a second
-    # program would be loaded unchecked-for-purpose and never used: refuse instead of guessing.
-    if "archive_format" not in entries or MODEL_JSON not in entries:
+    # models/*.json, pickles and expressions included, yet returns only "model": a second
+    # program would be loaded for nothing, so refusing it beats checking what is never used.
+    required = ("archive_format", "archive_version", MODEL_JSON)
+    if any(n not in entries for n in required):
         raise _refuse("not_an_exported_program", "the archive is not a torch.export program "
-                      f"(no archive_format or {MODEL_JSON}); save it with torch.export.save",
-                      missing=[n for n in ("archive_format", MODEL_JSON) if n not in entries])
+                      f"(no {' or '.join(required)}); save it with torch.export.save",
+                      missing=[n for n in required if n not in entries])
     others = sorted(n for n in entries if n.startswith("models/") and n != MODEL_JSON)
     if others:
         raise _refuse("archive_multiple_models", "the archive holds more than one program; "
@@ -947,15 +952,14 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
                           "(TorchScript or opaque) object; torch loads those with unrestricted "
                           "pickle, so Kiln does not accept them", entry=name)
 
-    fmt = _read_small(zf, entries["archive_format"], "archive_format", 64)
-    if fmt.strip() != b"pt2":
+    # Compared exactly, as torch's reader does.
+    if _read_small(zf, entries["archive_format"], "archive_format", 64) != b"pt2":
         raise _refuse("not_an_exported_program", "archive_format is not 'pt2'; save the program "
                       "with torch.export.save", entry="archive_format")
-    if "archive_version" in entries:
-        version = _read_small(zf, entries["archive_version"], "archive_version", 64).strip()
-        if version != b"0":
-            raise _refuse("archive_unsupported_schema", f"archive_version is {version[:20]!r}; "
-                          "Kiln reads version 0 archives", entry="archive_version")
+    version = _read_small(zf, entries["archive_version"], "archive_version", 64)
+    if version != b"0":
+        raise _refuse("archive_unsupported_schema", f"archive_version is {version[:20]!r}; "
+                      "Kiln reads version 0 archives", entry="archive_version")
 
     model = _load_json(zf, entries, MODEL_JSON, limits)
     if not isinstance(model, dict):
@@ -984,6 +988,8 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     pickled |= {CONSTANTS_DIR + m["path_name"] for _, m in constants if m.get("use_pickle")}
     pickled |= {n for n in entries
                 if n.startswith(SAMPLE_INPUTS_DIR) or n.lower().endswith(PICKLE_SUFFIXES)}
+    # An empty entry unpickles nothing: torch reads empty sample inputs as "none saved".
+    pickled = {n for n in pickled if entries[n].file_size > 0}
 
     # Content is read only now, after every directory-level limit has passed.
     digests = {name: _sha256_entry(zf, info, name) for name, info in entries.items()}

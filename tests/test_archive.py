@@ -325,6 +325,23 @@ def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
         _derive(base, dest, add={"data/constants/custom_obj_0": b"\x80\x04N."})
     elif name == "legacy_weights":
         _derive(base, dest, add={"data/weights/model.pt": b"\x80\x04N."})
+    elif name == "crc_mismatch":
+        # Entries are stored uncompressed, so the JSON is in the file verbatim.
+        data = bytearray(base.read_bytes())
+        at = data.index(b'"graph_module"') + 2
+        data[at] ^= 0x20
+        dest.write_bytes(bytes(data))
+    elif name == "unreadable_schema":
+        _derive(base, dest, replace={"models/model.json": json.dumps(
+            {"schema_version": {"major": 99, "minor": 0}, "graph_module": []}).encode()})
+    elif name == "config_path":
+        config = json.loads(_entries(base)[1]["data/weights/model_weights_config.json"])
+        config["config"]["conv.weight"]["path_name"] = "../../models/model.json"
+        _derive(base, dest, replace={
+            "data/weights/model_weights_config.json": json.dumps(config).encode()})
+    elif name == "missing_weight":
+        config = json.loads(_entries(base)[1]["data/weights/model_weights_config.json"])
+        _derive(base, dest, drop=("data/weights/" + config["config"]["conv.bias"]["path_name"],))
     else:
         raise AssertionError(name)
     return dest, limits
@@ -354,6 +371,10 @@ HOSTILE = {
     "bad_json": "archive_bad_json",
     "custom_object": "archive_custom_object",
     "legacy_weights": "archive_legacy_format",
+    "crc_mismatch": "archive_corrupt",
+    "unreadable_schema": "archive_unsupported_schema",
+    "config_path": "archive_unsafe_path",
+    "missing_weight": "not_an_exported_program",
 }
 
 
@@ -366,6 +387,27 @@ def test_hostile_archive_is_refused(case: str, programs: dict[str, Path],
     assert err.value.code == HOSTILE[case], err.value.message
     assert err.value.status == 400
     assert err.value.message and isinstance(err.value.details, dict)
+
+
+def test_unknown_schema_version_is_recorded_not_refused(programs: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        model["schema_version"] = {"major": 9, "minor": 1}
+
+    info = inspect_archive(_edit_model_json(programs["base"], tmp_path / "v9.pt2", edit))
+    assert info.schema_version == "9.1"
+    assert [i.name for i in info.inputs] == ["x", "y"]
+
+
+def test_non_tensor_user_input_is_refused(programs: dict[str, Path], tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        specs = model["graph_module"]["signature"]["input_specs"]
+        specs.append({"user_input": {"arg": {"as_sym_int": {"as_name": "k"}}}})
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(programs["base"], tmp_path / "symint.pt2", edit))
+    assert err.value.code == "unsupported_input"
+    assert (err.value.details["input"], err.value.details["kind"]) == ("k", "as_sym_int")
 
 
 def test_too_many_entries_is_refused_from_the_end_record(programs: dict[str, Path],
