@@ -8,8 +8,10 @@ engine so loaders can enforce it.
 
 from __future__ import annotations
 
+import contextlib
 import platform
-from collections.abc import Callable, Sequence
+import shlex
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,40 @@ def cpu_arch() -> str:
     except Exception:  # an Inductor without this helper: fall back to the machine alone
         isa = "unknown"
     return f"{platform.machine()}-{isa}"
+
+
+# Linking the C++ runtime statically into the package's wrapper library breaks std::locale:
+# the wrapper's copy of libstdc++ and the process's libstdc++.so number locale facets
+# differently, and the first std::regex (parse_device_str, while the model container is
+# created) calls a wrong virtual and segfaults. Seen with torch 2.11.0+cu130 and g++ 13 on the
+# H100 hosts (docs/gpu-runs.md). Linking it dynamically makes the wrapper use the process's.
+_STATIC_RUNTIME_FLAGS = ("-static-libstdc++", "-static-libgcc")
+
+
+@contextlib.contextmanager
+def dynamic_cxx_runtime(removed: list[str]) -> Iterator[None]:
+    """While building, drop static C++ runtime flags from Inductor's compiler commands."""
+    try:
+        from torch._inductor import cpp_builder
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(cpp_builder, "_run_compile_cmd", None)
+    if original is None:  # another Inductor layout: nothing to adjust
+        yield
+        return
+
+    def run(cmd_line: str, cwd: str) -> None:
+        tokens = shlex.split(cmd_line)
+        kept = [t for t in tokens if t not in _STATIC_RUNTIME_FLAGS]
+        removed.extend(t for t in tokens if t in _STATIC_RUNTIME_FLAGS)
+        original(shlex.join(kept), cwd)
+
+    cpp_builder._run_compile_cmd = run
+    try:
+        yield
+    finally:
+        cpp_builder._run_compile_cmd = original
 
 
 class AotiBackend:
@@ -64,7 +100,11 @@ class AotiBackend:
         configs = {"max_autotune": bool(options.get("max_autotune", False))}
         log(f"aoti_compile_and_package(device={device}, inductor_configs={configs})")
         counters.clear()
-        aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
+        removed: list[str] = []
+        with dynamic_cxx_runtime(removed):
+            aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
+        if removed:
+            log(f"linked the C++ runtime dynamically (dropped {sorted(set(removed))})")
         hits = int(counters["inductor"].get("fxgraph_cache_hit", 0))
         misses = int(counters["inductor"].get("fxgraph_cache_miss", 0))
         return BuildResult(out, {
@@ -73,6 +113,7 @@ class AotiBackend:
             "compiler_cache": "warm" if hits and not misses else "cold",
             "fxgraph_cache": {"hits": hits, "misses": misses},
             "range_enforced_by_engine": False,
+            "dropped_link_flags": sorted(set(removed)),
         })
 
     def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
