@@ -22,7 +22,8 @@ import psutil
 # Variables the child may see. Everything else (database and broker URLs, cloud keys, API
 # keys) stays with the worker: the child loads an untrusted program.
 _ALLOWED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CC", "CXX", "LD_LIBRARY_PATH",
-            "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+            "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH", "VIRTUAL_ENV",
+            "KILN_AOTI_CXX")
 _ALLOWED_PREFIXES = ("TORCH", "TORCHINDUCTOR_", "TRITON_", "NVIDIA_", "OMP_", "MKL_",
                      "KILN_TRT_", "OPENBLAS_", "ATEN_")
 

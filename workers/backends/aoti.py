@@ -8,10 +8,12 @@ engine so loaders can enforce it.
 
 from __future__ import annotations
 
-import contextlib
+import os
 import platform
-import shlex
-from collections.abc import Callable, Iterator, Sequence
+import re
+import subprocess
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +38,48 @@ def cpu_arch() -> str:
     return f"{platform.machine()}-{isa}"
 
 
-# Linking the C++ runtime statically into the package's wrapper library breaks std::locale:
-# the wrapper's copy of libstdc++ and the process's libstdc++.so number locale facets
-# differently, and the first std::regex (parse_device_str, while the model container is
-# created) calls a wrong virtual and segfaults. Seen with torch 2.11.0+cu130 and g++ 13 on the
-# H100 hosts (docs/gpu-runs.md). Linking it dynamically makes the wrapper use the process's.
-_STATIC_RUNTIME_FLAGS = ("-static-libstdc++", "-static-libgcc")
+# A wrapper library that carries its own copy of libstdc++ crashes when it is loaded into a
+# process that has another libstdc++: the two number std::locale facets differently, and the
+# first std::regex (parse_device_str, while the model container is created) calls a wrong
+# virtual. Seen on the H100 hosts, whose image sets CXX to a g++ wrapper that links the C++
+# runtime statically (docs/gpu-runs.md). KILN_AOTI_CXX picks the compiler for AOTInductor
+# builds; a build whose library does not link libstdc++.so is refused before it is loaded.
 
 
-@contextlib.contextmanager
-def dynamic_cxx_runtime(removed: list[str]) -> Iterator[None]:
-    """While building, drop static C++ runtime flags from Inductor's compiler commands."""
+def linked_libraries(shared_object: Path) -> list[str] | None:
+    """DT_NEEDED entries of a shared object, or None when readelf is not available."""
     try:
-        from torch._inductor import cpp_builder
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    original = getattr(cpp_builder, "_run_compile_cmd", None)
-    if original is None:  # another Inductor layout: nothing to adjust
-        yield
-        return
+        out = subprocess.run(["readelf", "-d", str(shared_object)], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
 
-    def run(cmd_line: str, cwd: str) -> None:
-        tokens = shlex.split(cmd_line)
-        kept = [t for t in tokens if t not in _STATIC_RUNTIME_FLAGS]
-        removed.extend(t for t in tokens if t in _STATIC_RUNTIME_FLAGS)
-        original(shlex.join(kept), cwd)
 
-    cpp_builder._run_compile_cmd = run
-    try:
-        yield
-    finally:
-        cpp_builder._run_compile_cmd = original
+def check_cxx_runtime(package: Path, workdir: Path) -> dict[str, Any]:
+    """Refuse a package whose wrapper carries a static libstdc++ (it crashes when loaded)."""
+    from service.errors import KilnError
+
+    report: dict[str, Any] = {}
+    with zipfile.ZipFile(package) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".so"):
+                continue
+            target = workdir / "inspect" / Path(name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+            needed = linked_libraries(target)
+            report[Path(name).name] = needed
+            if needed is not None and not any(n.startswith("libstdc++") for n in needed):
+                compiler = os.environ.get("KILN_AOTI_CXX") or os.environ.get("CXX") or "g++"
+                raise KilnError(
+                    "aoti_static_cxx_runtime",
+                    f"the compiler ({compiler}) "
+                    "linked the C++ runtime into the package statically; loading it would crash "
+                    "the process (std::locale mismatch). Point KILN_AOTI_CXX at a g++ that links "
+                    "libstdc++ dynamically, e.g. /usr/bin/g++",
+                    details={"library": name, "needed": needed})
+    return report
 
 
 class AotiBackend:
@@ -99,12 +111,11 @@ class AotiBackend:
         out = workdir / "engine.pt2"
         configs = {"max_autotune": bool(options.get("max_autotune", False))}
         log(f"aoti_compile_and_package(device={device}, inductor_configs={configs})")
+        if os.environ.get("KILN_AOTI_CXX"):
+            configs["cpp.cxx"] = os.environ["KILN_AOTI_CXX"]
         counters.clear()
-        removed: list[str] = []
-        with dynamic_cxx_runtime(removed):
-            aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
-        if removed:
-            log(f"linked the C++ runtime dynamically (dropped {sorted(set(removed))})")
+        aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
+        linked = check_cxx_runtime(out, workdir)
         hits = int(counters["inductor"].get("fxgraph_cache_hit", 0))
         misses = int(counters["inductor"].get("fxgraph_cache_miss", 0))
         return BuildResult(out, {
@@ -113,7 +124,7 @@ class AotiBackend:
             "compiler_cache": "warm" if hits and not misses else "cold",
             "fxgraph_cache": {"hits": hits, "misses": misses},
             "range_enforced_by_engine": False,
-            "dropped_link_flags": sorted(set(removed)),
+            "linked_libraries": linked,
         })
 
     def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
