@@ -39,6 +39,9 @@ def authenticate() -> Caller:
     header = request.headers.get("Authorization", "")
     given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else (
         request.headers.get("X-API-Key", ""))
+    if not given and request.blueprint == "dashboard":
+        # Browsers cannot send headers: the read-only admin pages take the key from a cookie.
+        given = request.cookies.get("kiln_key", "")
     for key, (owner, role) in keys.items():
         if given and hmac.compare_digest(given.encode(), key.encode()):
             return Caller(owner, role)
