@@ -9,6 +9,9 @@ here (a segfault in a compiler, an OOM kill) costs one attempt and never the wor
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import sys
 import time
 import traceback
@@ -20,6 +23,33 @@ PHASE_PREFIX = "KILN-PHASE "
 
 def phase(name: str) -> None:
     print(f"{PHASE_PREFIX}{name}", flush=True)
+    inject_fault(name)
+
+
+def inject_fault(at: str) -> None:
+    """Fault injection for the fault suite: ``KILN_FAULT_INJECT=KIND:PHASE[:PROBABILITY]``.
+
+    KIND is ``segv`` (the child dies by SIGSEGV, as a crashing compiler does), ``hang`` (it
+    stops making progress until the time limit kills it) or ``oom`` (it allocates until the
+    memory limit kills it). Unset in production; the worker passes it to the child only when
+    it is set in the worker's own environment.
+    """
+    spec = os.environ.get("KILN_FAULT_INJECT")
+    if not spec:
+        return
+    kind, _, rest = spec.partition(":")
+    where, _, probability = rest.partition(":")
+    if where != at or random.random() >= float(probability or 1):
+        return
+    print(f"kiln: injected fault {kind} at {at}", flush=True)
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif kind == "hang":
+        time.sleep(10**6)
+    elif kind == "oom":
+        hog = []
+        while True:
+            hog.append(bytearray(256 * 2**20))
 
 
 def run(workdir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import psutil
 # keys) stays with the worker: the child loads an untrusted program.
 _ALLOWED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CC", "CXX", "LD_LIBRARY_PATH",
             "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH", "VIRTUAL_ENV",
-            "KILN_AOTI_CXX")
+            "KILN_AOTI_CXX", "KILN_FAULT_INJECT")
 _ALLOWED_PREFIXES = ("TORCH", "TORCHINDUCTOR_", "TRITON_", "NVIDIA_", "OMP_", "MKL_",
                      "KILN_TRT_", "OPENBLAS_", "ATEN_")
 
