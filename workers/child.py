@@ -49,7 +49,7 @@ def inject_fault(at: str) -> None:
     elif kind == "oom":
         hog = []
         while True:
-            hog.append(bytearray(256 * 2**20))
+            hog.append(b"\x01" * (256 * 2**20))  # written, so it is resident
 
 
 def run(workdir: Path) -> dict[str, Any]:
