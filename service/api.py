@@ -13,7 +13,7 @@ from service import engine_cache, jobs, uploads
 from service.auth import caller, require_admin
 from service.downloads import artifact_response
 from service.errors import KilnError, NotFound
-from service.models import Engine, Job, Model, Worker
+from service.models import Engine, Job, Model, Worker, utcnow
 from service.schemas import (
     EngineQuery,
     Error,
@@ -229,7 +229,9 @@ def get_engine(engine_id: str) -> Response:
 def download_engine(engine_id: str) -> Response:
     with services().db.session() as s:
         engine = _visible_engine(s, engine_id)
-        engine.last_used_at = engine.last_used_at  # reading does not count as a hit
+        # Marks the engine as in use: eviction spares engines used within its grace period,
+        # so a download in progress keeps its blob.
+        engine.last_used_at = utcnow()
     suffix = BACKENDS.get(engine.backend, {}).get("suffix", ".bin")
     if engine.build_report.get("artifact_suffix"):
         suffix = engine.build_report["artifact_suffix"]

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, Task
 from flask import Flask
 
-from service import jobs, worker_registry
+from service import jobs, store_budget, worker_registry
 from service.celery_app import publish_build
 from service.services import Services
 
@@ -67,6 +67,18 @@ def sweep_once(services: Services) -> int:
     return len(to_publish)
 
 
+def housekeeping(services: Services) -> None:
+    """Sweep lost jobs, keep the store under budget, collect orphaned blobs."""
+    sweep_once(services)
+    settings = services.settings
+    if settings.store_budget_bytes:
+        report = store_budget.enforce_budget(services, settings.store_budget_bytes)
+        if report.evicted:
+            log.warning("evicted %d engines: %d -> %d bytes", len(report.evicted),
+                        report.bytes_before, report.bytes_after)
+    store_budget.collect_orphans(services, settings.gc_grace_s)
+
+
 def run_worker(app: Flask, name: str | None = None, backends: str = "",
                loglevel: str = "INFO") -> None:
     services: Services = app.extensions["kiln"]
@@ -91,7 +103,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     interval = max(1.0, services.settings.worker_ttl_s / 3)
     threading.Thread(target=_every, args=(interval, stop, heartbeat), daemon=True).start()
     threading.Thread(target=_every, args=(services.settings.sweep_interval_s, stop,
-                                          lambda: sweep_once(services)), daemon=True).start()
+                                          lambda: housekeeping(services)), daemon=True).start()
     try:
         celery.worker_main(["worker", "-P", "solo", "-c", "1", "-n", worker_id,
                             "-Q", ",".join(queues), "--without-gossip", "--without-mingle",
