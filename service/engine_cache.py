@@ -104,6 +104,29 @@ def lookup(session: Session, model_hash: str, backend: str, device: str, arch: s
     return Lookup(hits[0], reason, [])
 
 
+def find_swap_base(session: Session, graph_hash: str, weights_hash: str, target: Target,
+                   options: dict[str, Any], profile: list[dict[str, Any]],
+                   visible_model_hashes: set[str] | None) -> Engine | None:
+    """A stored engine with this architecture but other weights whose compiled code can serve.
+
+    Only engines built with their weights outside the compiled code qualify, with the same
+    target, toolchain and options, and a profile that covers the request.
+    """
+    if not options.get("swappable_weights"):
+        return None
+    wanted = profile_shapes(profile)
+    rows = session.scalars(select(Engine).where(
+        Engine.graph_hash == graph_hash, Engine.weights_hash != weights_hash,
+        Engine.backend == target.backend, Engine.device == target.device,
+        Engine.arch == target.arch, Engine.toolchain_id == target.toolchain_id,
+        Engine.options_hash == digest(options)))
+    for engine in rows:
+        if (visible_model_hashes is None or engine.model_hash in visible_model_hashes) and \
+                covers(engine.profile, wanted):
+            return engine
+    return None
+
+
 def explain_miss(session: Session, model_hash: str, graph_hash: str, weights_hash: str,
                  backend: str, device: str, arch: str | None, toolchain_ids: list[str] | None,
                  options: dict[str, Any], profile: list[dict[str, Any]],

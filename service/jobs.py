@@ -104,7 +104,10 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
                 + "; start one (`kiln worker`) or pick a target from details.live_targets",
                 status=503, details={"live_targets": live, "misses": misses})
         key = engine_cache.cache_key(model.model_hash, target, options, profile)
-        job = Job(owner=owner, model_id=model.id, backend=backend, device=device,
+        base = engine_cache.find_swap_base(session, model.graph_hash, model.weights_hash, target,
+                                           options, profile, _owned_hashes(session, owner))
+        job = Job(swap_from_engine_id=base.id if base else None, owner=owner,
+                  model_id=model.id, backend=backend, device=device,
                   arch=target.arch, toolchain_id=target.toolchain_id,
                   queue=worker_registry.queue_name(target), options=options, profile=profile,
                   cache_key=key, status="queued", max_attempts=services.settings.max_attempts,
@@ -125,7 +128,10 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
         session.add(Submission(owner=owner, model_id=model.id, backend=backend, device=device,
                                outcome="queued", job_id=job.id))
     publish_build(services.celery, job.id, job.queue)
-    return SubmitResult("queued", job=job, reason="no stored engine serves this request")
+    reason = "no stored engine serves this request"
+    if base is not None:
+        reason += f"; reusing the compiled code of engine {base.id} with this model's weights"
+    return SubmitResult("queued", job=job, reason=reason)
 
 
 def _owned_hashes(session: Session, owner: str | None) -> set[str] | None:

@@ -95,6 +95,8 @@ class Job(Base):
     miss_reasons: Mapped[list[Any]] = mapped_column(JSON, default=list)
     log: Mapped[str] = mapped_column(Text, default="")
     engine_id: Mapped[str | None] = mapped_column(ForeignKey("engines.id"), nullable=True)
+    # Weight-swap reuse: the stored engine whose compiled code this job reuses with new weights.
+    swap_from_engine_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -77,6 +77,7 @@ def job_json(job: Job, log_tail: int = 4000) -> dict[str, Any]:
         "error": ({"code": job.error_code, "message": job.error_message}
                   if job.error_code else None),
         "engine_id": job.engine_id, "miss_reasons": job.miss_reasons,
+        "swap_from_engine_id": job.swap_from_engine_id,
         "log_tail": job.log[-log_tail:] if job.log else "",
         "created_at": _ts(job.created_at), "started_at": _ts(job.started_at),
         "finished_at": _ts(job.finished_at),

@@ -19,6 +19,11 @@ class _Options(BaseModel):
 
 class AotiOptions(_Options):
     max_autotune: bool = Field(False, description="Inductor max-autotune (slower build).")
+    swappable_weights: bool = Field(
+        False, description="Keep the weights outside the compiled code: the artifact is a zip "
+        "of the package and its weights, and a model with the same architecture but other "
+        "weights reuses the compiled code without a build. Load with "
+        "service.engine_loader.load_engine.")
 
 
 class OnnxOptions(_Options):

@@ -85,7 +85,12 @@ def run(workdir: Path) -> dict[str, Any]:
     backend = get_backend(req["backend"])
     t0 = time.perf_counter()
     try:
-        built = backend.build(program, profile, device, req["options"], workdir, log)
+        if req.get("swap_from"):
+            built = backend.swap_weights(Path(req["swap_from"]), program, workdir, log)
+            built.report["compile_seconds_saved"] = round(
+                float(req.get("swap_from_build_seconds", 0)) - (time.perf_counter() - t0), 3)
+        else:
+            built = backend.build(program, profile, device, req["options"], workdir, log)
     except KilnError as exc:  # a refusal the backend explained: keep its code and details
         traceback.print_exc()
         return {"ok": False, "timings": timings, "error": {

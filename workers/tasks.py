@@ -22,7 +22,7 @@ from flask import current_app
 
 from service import jobs
 from service.celery_app import BUILD_TASK, publish_build
-from service.models import Job, Model, Worker, utcnow
+from service.models import Engine, Job, Model, Worker, utcnow
 from service.services import Services
 from service.targets import BACKENDS
 from workers.child import PHASE_PREFIX
@@ -75,9 +75,15 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
         t0 = time.perf_counter()
         program = workdir / "program.pt2"
         services.store.get_file(model.blob_uri, program)
-        (workdir / "request.json").write_text(json.dumps({
+        request: dict[str, Any] = {
             "program": str(program), "backend": job.backend, "device": job.device,
-            "profile": job.profile, "options": job.options, "seed": 0}))
+            "profile": job.profile, "options": job.options, "seed": 0}
+        base = _swap_base(services, job)
+        if base is not None:
+            services.store.get_file(base.artifact_uri, workdir / "base.zip")
+            request.update(swap_from=str(workdir / "base.zip"), swap_from_engine_id=base.id,
+                           swap_from_build_seconds=base.build_seconds)
+        (workdir / "request.json").write_text(json.dumps(request))
         timings["fetch_s"] = round(time.perf_counter() - t0, 3)
         log_path.write_text(f"kiln: job {job_id} attempt {attempt} on {worker_id}\n")
         phase = {"status": "building"}
@@ -124,6 +130,14 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _swap_base(services: Services, job: Job) -> Engine | None:
+    """The engine whose compiled code this job reuses; None (a full build) if it was evicted."""
+    if not job.swap_from_engine_id:
+        return None
+    with services.db.session() as s:
+        return s.get(Engine, job.swap_from_engine_id)
+
+
 def _store_engine(services: Services, job: Job, model: Model, attempt: int, worker_id: str,
                   workdir: Path, result: dict[str, Any], timings: dict[str, float],
                   log_text: str) -> str:
@@ -144,7 +158,9 @@ def _store_engine(services: Services, job: Job, model: Model, attempt: int, work
         "toolchain": target.get("toolchain", {}), "options": job.options,
         "profile": job.profile, "artifact_uri": uri, "sha256": sha256,
         "size": artifact.stat().st_size, "build_seconds": timings.get("build_s", 0.0),
-        "build_report": {**result["build_report"], "artifact_suffix": suffix},
+        "build_report": {**result["build_report"], "artifact_suffix": suffix,
+                         **({"swap_from_engine_id": job.swap_from_engine_id}
+                            if result["build_report"].get("weight_swap") else {})},
         "validation": result["validation"], "benchmark": result["benchmark"],
     }
     with services.db.session() as s:

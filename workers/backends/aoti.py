@@ -8,6 +8,7 @@ engine so loaders can enforce it.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -82,6 +83,22 @@ def check_cxx_runtime(package: Path, workdir: Path) -> dict[str, Any]:
     return report
 
 
+def bundle_with_weights(package: Path, program: torch.export.ExportedProgram,
+                        workdir: Path) -> Path:
+    """Zip a constants-free package with the program's weights (Kiln's swappable format)."""
+    from service.engine_loader import SWAPPABLE_FORMAT
+
+    weights = {k: v.detach().contiguous() for k, v in
+               {**program.state_dict, **program.constants}.items() if isinstance(v, torch.Tensor)}
+    torch.save(weights, workdir / "weights.pt")
+    out = workdir / "engine.aoti.zip"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("kiln.json", json.dumps({"format": SWAPPABLE_FORMAT}))
+        zf.write(package, "package.pt2")
+        zf.write(workdir / "weights.pt", "weights.pt")
+    return out
+
+
 class AotiBackend:
     name = "aoti"
     artifact_suffix = ".pt2"
@@ -108,14 +125,19 @@ class AotiBackend:
         from torch._dynamo.utils import counters
         from torch._inductor import aoti_compile_and_package
 
+        swappable = bool(options.get("swappable_weights", False))
         out = workdir / "engine.pt2"
-        configs = {"max_autotune": bool(options.get("max_autotune", False))}
+        configs: dict[str, Any] = {"max_autotune": bool(options.get("max_autotune", False))}
+        if swappable:
+            configs["aot_inductor.package_constants_in_so"] = False
         log(f"aoti_compile_and_package(device={device}, inductor_configs={configs})")
         if os.environ.get("KILN_AOTI_CXX"):
             configs["cpp.cxx"] = os.environ["KILN_AOTI_CXX"]
         counters.clear()
         aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
         linked = check_cxx_runtime(out, workdir)
+        if swappable:
+            out = bundle_with_weights(out, program, workdir)
         hits = int(counters["inductor"].get("fxgraph_cache_hit", 0))
         misses = int(counters["inductor"].get("fxgraph_cache_miss", 0))
         return BuildResult(out, {
@@ -127,10 +149,20 @@ class AotiBackend:
             "linked_libraries": linked,
         })
 
-    def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
-        from torch._inductor import aoti_load_package
+    def swap_weights(self, base: Path, program: torch.export.ExportedProgram, workdir: Path,
+                     log: Callable[[str], None]) -> BuildResult:
+        """A new engine from a swappable one: its compiled code, this program's weights."""
+        with zipfile.ZipFile(base) as zf:
+            (workdir / "base").mkdir(exist_ok=True)
+            package = Path(zf.extract("package.pt2", workdir / "base"))
+        log(f"weight swap: reusing the compiled code of {base.name}")
+        return BuildResult(bundle_with_weights(package, program, workdir),
+                           {"weight_swap": True, "range_enforced_by_engine": False})
 
-        compiled = aoti_load_package(str(artifact))
+    def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
+        from service.engine_loader import load_engine
+
+        compiled = load_engine(artifact)
 
         def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             return list(tree_leaves(compiled(*inputs)))
