@@ -64,6 +64,11 @@ def _wait_for_worker(settings: Settings, proc: subprocess.Popen[bytes], timeout_
         database.dispose()
 
 
+def _interrupt(*_: object) -> None:
+    # shutdown() from a handler running inside serve_forever would wait for itself.
+    raise KeyboardInterrupt
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -91,7 +96,7 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool) -> None:
         server = make_server(host, port, create_app(settings), threaded=True)
         click.echo(f"Kiln is serving on http://{host}:{server.server_port}  "
                    f"(data in {settings.data_dir}; dashboard at /admin)")
-        signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the worker goes too
         server.serve_forever()
     except KeyboardInterrupt:
         pass
