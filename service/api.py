@@ -13,7 +13,8 @@ from service import engine_cache, jobs, uploads
 from service.auth import caller, require_admin
 from service.downloads import artifact_response
 from service.errors import KilnError, NotFound
-from service.models import Engine, Job, Model, Worker, utcnow
+from service.models import Engine, Job, Model, utcnow
+from service.profiles import covers, resolve_profile
 from service.schemas import (
     EngineQuery,
     Error,
@@ -154,21 +155,21 @@ def _parse_covers(items: list[str]) -> list[dict[str, Any]]:
 
 def _engine_filter(s: Any, query: EngineQuery) -> list[Engine]:
     scope = caller().scope
+    owned = select(Model.model_hash).where(Model.owner == scope) if scope else None
     q = select(Engine)
+    if owned is not None:
+        q = q.where(Engine.model_hash.in_(owned))
     if query.model:
-        model = s.scalars(select(Model).where(
-            (Model.id == query.model) | (Model.model_hash == query.model)
-            | (Model.sha256 == query.model))).first()
-        if model is None or (scope and model.owner != scope):
-            model = s.scalars(select(Model).where(
-                Model.owner == scope, (Model.id == query.model)
-                | (Model.model_hash == query.model) | (Model.sha256 == query.model))
-            ).first() if scope else model
-        if model is None:
-            raise NotFound("model", query.model)
-        q = q.where(Engine.model_hash == model.model_hash)
-    if scope:
-        q = q.where(Engine.model_hash.in_(select(Model.model_hash).where(Model.owner == scope)))
+        # A model id, its canonical hash or its file's sha256; for users, only their own.
+        ref = query.model
+        match = select(Model.model_hash).where(
+            (Model.id == ref) | (Model.model_hash == ref) | (Model.sha256 == ref))
+        if scope:
+            match = match.where(Model.owner == scope)
+        model_hash = s.scalars(match).first()
+        if model_hash is None:
+            raise NotFound("model", ref)
+        q = q.where(Engine.model_hash == model_hash)
     if query.backend:
         q = q.where(Engine.backend == query.backend)
     if query.device:
@@ -176,13 +177,11 @@ def _engine_filter(s: Any, query: EngineQuery) -> list[Engine]:
     rows = list(s.scalars(q.order_by(Engine.created_at.desc()).limit(5000)))
     wanted = _parse_covers(query.covers)
     if wanted:
-        from service.profiles import covers
-        rows = [e for e in rows if covers(e.profile, [
-            {**w, "opt": w["min"]} for w in wanted if any(p["name"] == w["name"]
-                                                          for p in e.profile)])
-            and {w["name"] for w in wanted} <= {p["name"] for p in e.profile}]
+        names = {w["name"] for w in wanted}
+        rows = [e for e in rows if names <= {p["name"] for p in e.profile}
+                and covers(e.profile, [{**w, "opt": w["min"]} for w in wanted])]
         # Best first: the narrowest engine that still covers the request.
-        rows.sort(key=lambda e: engine_cache._width(e.profile))
+        rows.sort(key=lambda e: engine_cache.profile_width(e.profile))
     return rows[: query.limit]
 
 
@@ -198,7 +197,6 @@ def search_engines(query: EngineQuery) -> Response:
                tags=["engines"])
 def explain(query: JobRequest) -> Response:
     """Would this request be served from the cache? If not, why not."""
-    from service.profiles import resolve_profile
     body = query.model_dump()
     with services().db.session() as s:
         model = jobs.get_model(s, body["model_id"], caller().scope)
@@ -210,7 +208,7 @@ def explain(query: JobRequest) -> Response:
         misses = [] if found.engine else engine_cache.explain_miss(
             s, model.model_hash, model.graph_hash, model.weights_hash, body["backend"],
             body["device"], body.get("arch"), tc, options, profile,
-            visible_model_hashes=jobs._owned_hashes(s, caller().scope))
+            visible_model_hashes=jobs.owned_model_hashes(s, caller().scope))
         return jsonify({"hit": found.engine is not None,
                         "engine_id": found.engine.id if found.engine else None,
                         "reason": found.reason, "misses": misses})
@@ -265,7 +263,3 @@ def list_targets() -> Response:
     return jsonify({"backends": {name: {"devices": b["devices"],
                                         "options": b["options"].model_json_schema()}
                                  for name, b in BACKENDS.items()}})
-
-
-def worker_count(s: Any) -> int:
-    return s.scalar(select(func.count()).select_from(Worker)) or 0

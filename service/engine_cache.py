@@ -62,7 +62,7 @@ def _opt_distance(stored: list[dict[str, Any]], requested: list[dict[str, Any]])
                for req in requested for a, b in zip(by_name[req["name"]]["opt"], req["opt"]))
 
 
-def _width(profile: list[dict[str, Any]]) -> float:
+def profile_width(profile: list[dict[str, Any]]) -> float:
     return sum(math.log((hi + 1) / (lo + 1)) for p in profile for lo, hi in zip(p["min"], p["max"]))
 
 
@@ -99,7 +99,7 @@ def lookup(session: Session, model_hash: str, backend: str, device: str, arch: s
     if not hits:
         return Lookup(None, "no stored engine serves this request", [])
     # Nearest opt first (the engine is tuned there), then the narrowest range, then newest.
-    hits.sort(key=lambda e: (_opt_distance(e.profile, wanted), _width(e.profile),
+    hits.sort(key=lambda e: (_opt_distance(e.profile, wanted), profile_width(e.profile),
                              -e.created_at.timestamp()))
     return Lookup(hits[0], reason, [])
 

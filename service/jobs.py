@@ -93,7 +93,7 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
         misses = engine_cache.explain_miss(
             session, model.model_hash, model.graph_hash, model.weights_hash, backend, device,
             request.get("arch"), toolchains, options, profile,
-            visible_model_hashes=_owned_hashes(session, owner))
+            visible_model_hashes=owned_model_hashes(session, owner))
         if target is None:
             live = worker_registry.live_targets(session, services.settings.worker_ttl_s)
             raise KilnError(
@@ -105,7 +105,7 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
                 status=503, details={"live_targets": live, "misses": misses})
         key = engine_cache.cache_key(model.model_hash, target, options, profile)
         base = engine_cache.find_swap_base(session, model.graph_hash, model.weights_hash, target,
-                                           options, profile, _owned_hashes(session, owner))
+                                           options, profile, owned_model_hashes(session, owner))
         job = Job(swap_from_engine_id=base.id if base else None, owner=owner,
                   model_id=model.id, backend=backend, device=device,
                   arch=target.arch, toolchain_id=target.toolchain_id,
@@ -134,7 +134,7 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
     return SubmitResult("queued", job=job, reason=reason)
 
 
-def _owned_hashes(session: Session, owner: str | None) -> set[str] | None:
+def owned_model_hashes(session: Session, owner: str | None) -> set[str] | None:
     if owner is None:
         return None
     return set(session.scalars(select(Model.model_hash).where(Model.owner == owner)))
