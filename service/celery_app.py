@@ -7,11 +7,15 @@ and results are not stored in Celery (the job row holds them).
 
 from __future__ import annotations
 
+import logging
+import time
+
 from celery import Celery
 
 from service.settings import Settings
 
 BUILD_TASK = "kiln.build"
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,5 +44,20 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def publish_build(celery: Celery, job_id: str, queue: str) -> None:
-    celery.send_task(BUILD_TASK, args=[job_id], queue=queue)
+def publish_build(celery: Celery, job_id: str, queue: str, attempts: int = 3) -> bool:
+    """Publish a build; False if the broker would not take it.
+
+    The job row is already committed, so a failed publish loses nothing: the sweeper
+    publishes jobs left queued too long. The embedded broker can refuse the first message to
+    a new queue when a worker declares that queue at the same moment (both insert its row);
+    a retry then finds the row.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            celery.send_task(BUILD_TASK, args=[job_id], queue=queue)
+            return True
+        except Exception:
+            log.warning("publishing job %s to %s failed (try %d of %d)", job_id, queue,
+                        attempt, attempts, exc_info=True)
+            time.sleep(0.2 * attempt)
+    return False
