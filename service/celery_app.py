@@ -50,7 +50,8 @@ def publish_build(celery: Celery, job_id: str, queue: str, attempts: int = 3) ->
     The job row is already committed, so a failed publish loses nothing: the sweeper
     publishes jobs left queued too long. The embedded broker can refuse the first message to
     a new queue when a worker declares that queue at the same moment (both insert its row);
-    a retry then finds the row.
+    a retry then finds the row. (Workers declare their queues before they register, so a
+    job is only ever published to a queue that already exists.)
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -59,5 +60,18 @@ def publish_build(celery: Celery, job_id: str, queue: str, attempts: int = 3) ->
         except Exception:
             log.warning("publishing job %s to %s failed (try %d of %d)", job_id, queue,
                         attempt, attempts, exc_info=True)
+            # The failed channel's session may be unusable: retry on fresh connections.
+            celery.producer_pool.force_close_all()
+            celery.pool.force_close_all()
             time.sleep(0.2 * attempt)
     return False
+
+
+def declare_queues(celery: Celery, queues: list[str]) -> None:
+    """Create the broker's queues now, before anyone publishes to them."""
+    from kombu import Queue
+
+    with celery.connection_for_write() as conn:
+        channel = conn.default_channel
+        for name in queues:
+            Queue(name, routing_key=name).bind(channel).declare()

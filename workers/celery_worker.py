@@ -22,7 +22,7 @@ from celery import Celery, Task
 from flask import Flask
 
 from service import jobs, store_budget, worker_registry
-from service.celery_app import publish_build
+from service.celery_app import declare_queues, publish_build
 from service.services import Services
 
 log = logging.getLogger("kiln.worker")
@@ -95,6 +95,9 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
             worker_registry.heartbeat(s, worker_id, socket.gethostname(), found["targets"],
                                       host)
 
+    # Queues first, then the worker row: the API publishes only to targets of live workers,
+    # so every queue it publishes to exists by then.
+    declare_queues(celery, queues)
     heartbeat()
     for t in found["targets"]:
         log.warning("serving %s/%s/%s toolchain %s on queue %s", t["backend"], t["device"],
