@@ -109,6 +109,19 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool) -> None:
                 proc.kill()
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a JSON value (``5``, ``true``), or a plain string."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option {text!r}: write KEY=VALUE, e.g. optimization_level=5")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _bar(desc: str, total: int) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 leave=True, file=sys.stderr)
@@ -135,8 +148,7 @@ def compile(model: str, inputs: tuple[str, ...], backend: str, device: str,
     kiln = KilnClient(server)
     try:
         profile = [parse_input(i) for i in inputs] or None
-        opts = {k: json.loads(v) if v[:1] in "[{0123456789tfn-\"" else v
-                for k, v in (o.split("=", 1) for o in options)}
+        opts = dict(_option(o) for o in options)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     try:
