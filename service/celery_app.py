@@ -51,7 +51,7 @@ def publish_build(celery: Celery, job_id: str, queue: str, attempts: int = 3) ->
     publishes jobs left queued too long. The embedded broker can refuse the first message to
     a new queue when a worker declares that queue at the same moment (both insert its row);
     a retry then finds the row. (Workers declare their queues before they register, so a
-    job is only ever published to a queue that already exists.)
+    job is normally published to a queue that already exists.)
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -60,9 +60,8 @@ def publish_build(celery: Celery, job_id: str, queue: str, attempts: int = 3) ->
         except Exception:
             log.warning("publishing job %s to %s failed (try %d of %d)", job_id, queue,
                         attempt, attempts, exc_info=True)
-            # The failed channel's session may be unusable: retry on fresh connections.
-            celery.producer_pool.force_close_all()
-            celery.pool.force_close_all()
+            # kombu reconnects on its own; closing its pools here would break every later
+            # publish from this process ("Acquire on closed pool"), found by the fault suite.
             time.sleep(0.2 * attempt)
     return False
 

@@ -139,7 +139,25 @@ def _why(output: dict[str, Any]) -> str:
     return f"{output.get('mismatched')} mismatched values"
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when its worker dies, even by SIGKILL.
+
+    The child runs in its own session (so a cancel can kill its whole group), which a kill
+    of the worker's group does not reach; and only the worker enforces its time and memory
+    limits. Without this, a child of a killed worker would run on unbounded.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the worker died before the request above took effect
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_parent()
     workdir = Path(sys.argv[1])
     phase("building")
     result = run(workdir)
