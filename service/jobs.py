@@ -85,8 +85,10 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
         found = engine_cache.lookup(session, model.model_hash, backend, device,
                                     request.get("arch"), toolchains, options, profile, reuse)
         if found.engine is not None:
-            found.engine.hits += 1
-            found.engine.last_used_at = utcnow()
+            # In SQL, not in Python: concurrent hits on one engine must all count.
+            session.execute(update(Engine).where(Engine.id == found.engine.id).values(
+                hits=Engine.hits + 1, last_used_at=utcnow()))
+            session.refresh(found.engine)
             session.add(Submission(owner=owner, model_id=model.id, backend=backend,
                                    device=device, outcome="cached", engine_id=found.engine.id))
             return SubmitResult("cached", engine=found.engine, reason=found.reason)

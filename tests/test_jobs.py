@@ -194,3 +194,34 @@ def test_state_machine_terminal_states_absorb(tmp_path_factory: pytest.TempPathF
         elif status in TERMINAL_STATES:
             terminal_seen = status
     assert successes <= 1
+
+
+def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_path: Path,
+                                         programs: dict[str, Path]) -> None:
+    services = _services(tmp_path, postgres_url, redis_url.rsplit("/", 1)[0] + "/15")
+    model_id = _model(services, programs["convnet"])
+    request = {"model_id": model_id, "backend": "aoti", "device": "cpu"}
+    job = jobs.submit(services, "alice", request).job
+    with services.db.session() as s:
+        claimed = jobs.claim(s, job.id, "w1", 60)
+        engine = jobs.succeed(s, job.id, claimed.attempts, "w1", {
+            "model_hash": "x", "graph_hash": "g", "weights_hash": "w", "backend": "aoti",
+            "device": "cpu", "arch": TARGET.arch, "toolchain_id": TARGET.toolchain_id,
+            "toolchain": {}, "options": job.options, "profile": job.profile,
+            "artifact_uri": "file:///x", "sha256": "0" * 64, "size": 1}, {}, "")
+        engine_id = engine.id
+        s.execute(update(jobs.Engine).where(jobs.Engine.id == engine_id).values(
+            model_hash=s.get(jobs.Model, model_id).model_hash))
+    barrier = threading.Barrier(20)
+
+    def hit() -> None:
+        barrier.wait()
+        assert jobs.submit(services, "alice", request).status == "cached"
+
+    threads = [threading.Thread(target=hit) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with services.db.session() as s:
+        assert s.get(jobs.Engine, engine_id).hits == 20
