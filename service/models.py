@@ -52,7 +52,7 @@ class Model(Base):
     model_hash: Mapped[str] = mapped_column(String(64), index=True)
     graph_hash: Mapped[str] = mapped_column(String(64), index=True)
     weights_hash: Mapped[str] = mapped_column(String(64))
-    sha256: Mapped[str] = mapped_column(String(64))  # of the uploaded file's bytes
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # of the uploaded bytes
     size: Mapped[int] = mapped_column(BigInteger)
     filename: Mapped[str] = mapped_column(String(255), default="")
     torch_version: Mapped[str] = mapped_column(String(64), default="")
