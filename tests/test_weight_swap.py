@@ -38,6 +38,8 @@ def test_other_weights_reuse_the_compiled_code(live: LiveKiln, tmp_path: Path) -
     report = swapped["build_report"]
     assert report["weight_swap"] is True and report["swap_from_engine_id"] == base["id"]
     assert report["compile_seconds_saved"] > 0
+    print(f"weight swap: base build {base['build_seconds']:.1f} s, swap "
+          f"{swapped['build_seconds']:.2f} s, saved {report['compile_seconds_saved']:.1f} s")
     assert swapped["validation"]["passed"] is True
     assert swapped["sha256"] != base["sha256"]
 
