@@ -20,6 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) -m bench
 
 gpu-test: $(STAMP)
