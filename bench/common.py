@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,20 +148,10 @@ def tail(path: Path, n: int = 3000) -> str:
 @contextlib.contextmanager
 def throwaway_database(prefix: str = "kiln_bench") -> Iterator[str]:
     """A new PostgreSQL database on PG_SERVER, dropped afterwards; yields its SQLAlchemy URL."""
-    from sqlalchemy import create_engine, make_url, text
+    from tests.servers import fresh_database
 
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_SERVER, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_SERVER).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                              "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with fresh_database(PG_SERVER, prefix) as url:
+        yield url
 
 
 # ---- memory ----------------------------------------------------------------------------------

@@ -92,10 +92,10 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
             session.add(Submission(owner=owner, model_id=model.id, backend=backend,
                                    device=device, outcome="cached", engine_id=found.engine.id))
             return SubmitResult("cached", engine=found.engine, reason=found.reason)
+        visible = owned_model_hashes(session, owner)
         misses = engine_cache.explain_miss(
             session, model.model_hash, model.graph_hash, model.weights_hash, backend, device,
-            request.get("arch"), toolchains, options, profile,
-            visible_model_hashes=owned_model_hashes(session, owner))
+            request.get("arch"), toolchains, options, profile, visible_model_hashes=visible)
         if target is None:
             live = worker_registry.live_targets(session, services.settings.worker_ttl_s)
             raise KilnError(
@@ -107,7 +107,7 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
                 status=503, details={"live_targets": live, "misses": misses})
         key = engine_cache.cache_key(model.model_hash, target, options, profile)
         base = engine_cache.find_swap_base(session, model.graph_hash, model.weights_hash, target,
-                                           options, profile, owned_model_hashes(session, owner))
+                                           options, profile, visible)
         job = Job(swap_from_engine_id=base.id if base else None, owner=owner,
                   model_id=model.id, backend=backend, device=device,
                   arch=target.arch, toolchain_id=target.toolchain_id,

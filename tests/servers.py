@@ -64,11 +64,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str, prefix: str = "kiln_test") -> Iterator[str]:
     """A new, empty PostgreSQL database on ``server_url``, dropped afterwards."""
     from sqlalchemy import create_engine, make_url, text
 
-    name = f"kiln_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
