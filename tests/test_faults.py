@@ -141,6 +141,15 @@ def test_cancel_kills_the_child_which_never_saw_credentials(kiln: Kiln, worker: 
     # The worker sees the cancel at its next lease renewal (every lease_s / 3) and kills the
     # child's whole process group.
     assert _gone(child, timeout=kiln.timing.lease_s + 5), "build child still running"
+    # The whole group goes too; its other members (compiler subprocesses) may take a moment
+    # to be reaped after the SIGKILL.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.killpg(child.pid, 0)
     time.sleep(2)
