@@ -129,6 +129,11 @@ class Engine(Base):
     build_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     build_report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     validation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # "passed": Kiln ran the engine and it matched the program at min/opt/max; "not_run": built
+    # by a worker that cannot run it (e.g. TensorRT-RTX on a CPU-only or sm_90 host), with the
+    # reason. Lookups serve only "passed" engines unless the request accepts unvalidated ones.
+    validation_status: Mapped[str] = mapped_column(String(16), default="passed")
+    validation_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     benchmark: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     hits: Mapped[int] = mapped_column(Integer, default=0)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
