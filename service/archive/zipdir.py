@@ -1,0 +1,193 @@
+"""Zip directory rules and bounded reads of entries.
+
+Everything here trusts nothing the central directory claims: sizes are checked against the
+bytes actually inflated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import stat
+import struct
+import zipfile
+import zlib
+from typing import Any
+
+from service.archive.layout import (
+    COMPILED_DIRS,
+    COMPILED_SUFFIXES,
+    ArchiveLimits,
+    MiB,
+    refuse,
+)
+from service.errors import KilnError
+
+
+def directory_size(fh: Any, file_size: int) -> tuple[int, int]:
+    """(entry count, central directory bytes) from the end-of-central-directory record.
+
+    Read before ``zipfile`` builds a ZipInfo per entry, so a directory of millions of entries is
+    refused without the memory it would take to list it. ``zipfile._EndRecData`` is private, but
+    it is the function ``ZipFile`` itself uses to find the record (fast path, comment search,
+    zip64 override): with a parser of our own, a crafted tail could make the two read different
+    records.
+    """
+    if file_size < 22:
+        raise refuse("not_a_zip", "the upload is not a zip archive (too short); upload the "
+                     "file written by torch.export.save", size=file_size)
+    try:
+        endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
+    except (zipfile.BadZipFile, OSError, struct.error) as exc:
+        raise refuse("not_a_zip", f"the upload is not a readable zip archive ({exc})") from None
+    if endrec is None:
+        raise refuse("not_a_zip", "the upload is not a zip archive, or it is truncated; upload "
+                     "the complete file written by torch.export.save")
+    entries = int(endrec[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+    return entries, int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def path_problem(name: str) -> str | None:
+    if not name:
+        return "empty name"
+    if "\\" in name:
+        return "backslash in name"
+    if name.startswith("/"):
+        return "absolute path"
+    if _DRIVE.match(name):
+        return "drive letter"
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        return "control character in name"
+    parts = name.rstrip("/").split("/")
+    if any(p == ".." for p in parts):
+        return "'..' component"
+    if any(p in ("", ".") for p in parts):
+        return "empty or '.' component"
+    return None
+
+
+def _file_type(info: zipfile.ZipInfo) -> int:
+    return stat.S_IFMT(info.external_attr >> 16)
+
+
+def check_directory(
+    infos: list[zipfile.ZipInfo], limits: ArchiveLimits
+) -> tuple[str, dict[str, zipfile.ZipInfo], int]:
+    """Every check that needs only the central directory. Returns (root, entries, total)."""
+    seen: set[str] = set()
+    total = 0
+    roots: set[str] = set()
+    entries: dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        name = info.filename
+        problem = path_problem(name)
+        if problem:
+            raise refuse("archive_unsafe_path", f"archive entry {name!r} has an unsafe name "
+                         f"({problem}); upload the file exactly as torch.export.save wrote it",
+                         entry=name, reason=problem)
+        ftype = _file_type(info)
+        if ftype == stat.S_IFLNK:
+            raise refuse("archive_link", f"archive entry {name!r} is a symbolic link; links are "
+                         "not allowed in uploaded programs", entry=name)
+        if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
+            raise refuse("archive_link", f"archive entry {name!r} is not a regular file "
+                         f"(mode {oct(ftype)}); only files are allowed", entry=name)
+        if name in seen:
+            raise refuse("archive_duplicate_entry", f"archive entry {name!r} appears more than "
+                         "once; zip readers disagree on which copy wins, so such archives are "
+                         "refused", entry=name)
+        seen.add(name)
+        if info.flag_bits & 0x1:
+            raise refuse("archive_encrypted", f"archive entry {name!r} is encrypted; upload an "
+                         "unencrypted archive", entry=name)
+        # torch's reader (miniz) understands only these two; anything else would read
+        # differently there than here.
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise refuse("archive_unsupported_compression", f"archive entry {name!r} uses zip "
+                         f"compression method {info.compress_type}; torch can read only stored "
+                         "or deflated entries", entry=name, method=info.compress_type)
+        total += info.file_size
+        if total > limits.max_uncompressed_bytes:
+            raise refuse("archive_too_large", "the archive expands to more than "
+                         f"{limits.max_uncompressed_bytes} bytes; that is over the limit",
+                         limit=limits.max_uncompressed_bytes, entry=name)
+        if info.file_size > limits.ratio_check_min_bytes:
+            ratio = info.file_size / max(info.compress_size, 1)
+            if ratio > limits.max_compression_ratio:
+                limit = limits.max_compression_ratio
+                raise refuse("archive_compression_ratio", f"archive entry {name!r} expands "
+                             f"{ratio:.0f}x, over the limit of {limit:.0f}x; upload the file "
+                             "as torch.export.save wrote it (uncompressed)",
+                             entry=name, ratio=round(ratio, 1),
+                             limit=limits.max_compression_ratio)
+        root, _, rest = name.partition("/")
+        roots.add(root)
+        # Checked for directory entries too: torch finds AOTInductor models by name prefix.
+        if rest.startswith(COMPILED_DIRS) or rest.lower().endswith(COMPILED_SUFFIXES):
+            raise refuse("archive_compiled_code", f"archive entry {rest!r} is compiled code; "
+                         "Kiln accepts programs only (torch.export.save), never AOTInductor "
+                         "packages or native libraries", entry=rest)
+        if name.endswith("/"):
+            continue
+        if not rest:
+            raise refuse("not_an_exported_program", f"archive entry {name!r} is not inside the "
+                         "archive's root folder; torch.export.save puts every entry in one "
+                         "folder", entry=name)
+        entries[rest] = info
+    if len(roots) != 1:
+        raise refuse("not_an_exported_program", "the archive's entries are not all in one root "
+                     "folder, as torch.export.save writes them", roots=sorted(roots)[:10])
+    return roots.pop(), entries, total
+
+
+def read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limit: int) -> bytes:
+    if info.file_size > limit:
+        raise refuse("archive_too_large", f"archive entry {name!r} is {info.file_size} bytes, "
+                     f"over the limit of {limit} for metadata files", entry=name, limit=limit)
+    try:
+        with zf.open(info) as fh:
+            # Read one byte past the limit: the declared size is not trusted.
+            data = fh.read(limit + 1)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise corrupt(name, exc) from None
+    if len(data) > limit:
+        raise refuse("archive_too_large", f"archive entry {name!r} is over the limit of "
+                     f"{limit} bytes for metadata files", entry=name, limit=limit)
+    return data
+
+
+def corrupt(name: str, exc: BaseException) -> KilnError:
+    return refuse("archive_corrupt", f"archive entry {name!r} cannot be read ({exc}); the "
+                  "archive is damaged: upload it again", entry=name, reason=str(exc)[:300])
+
+
+def sha256_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> str:
+    digest = hashlib.sha256()
+    read = 0
+    try:
+        with zf.open(info) as fh:
+            while chunk := fh.read(MiB):
+                read += len(chunk)
+                if read > info.file_size:
+                    raise refuse("archive_corrupt", f"archive entry {name!r} holds more data "
+                                 "than its directory record says", entry=name)
+                digest.update(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise corrupt(name, exc) from None
+    return digest.hexdigest()
+
+
+def load_json(zf: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], name: str,
+               limits: ArchiveLimits) -> Any:
+    data = read_small(zf, entries[name], name, limits.max_json_bytes)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise refuse("archive_bad_json", f"archive entry {name!r} is not valid JSON ({exc}); "
+                     "re-export the program with torch.export.save", entry=name,
+                     reason=str(exc)[:300]) from None
+
