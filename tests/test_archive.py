@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import stat
-import struct
 import subprocess
 import sys
-import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -27,6 +24,14 @@ from torch.export import Dim, export, save
 
 from service.archive import SCALAR_TYPES, ArchiveLimits, inspect_archive
 from service.errors import KilnError
+from tests import hostile_archives as hostile
+from tests.hostile_archives import derive as _derive
+from tests.hostile_archives import edit_model_json as _edit_model_json
+from tests.hostile_archives import entries as _entries
+from tests.hostile_archives import raw_zip as _raw_zip
+from tests.hostile_archives import torch_save_bytes as _torch_save_bytes
+from tests.hostile_archives import write_zip as _write_zip
+from tests.hostile_archives import zinfo as _zinfo
 from workers.program_guard import load_program, verify_pickled_entries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,68 +213,6 @@ def test_legit_program_loads_and_runs(programs: dict[str, Path]) -> None:
 # Hostile corpus: zip structure
 
 
-def _entries(path: Path) -> tuple[str, dict[str, bytes]]:
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        root = names[0].split("/", 1)[0]
-        return root, {n.split("/", 1)[1]: zf.read(n) for n in names}
-
-
-def _write_zip(dest: Path, members: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile warns about duplicate names
-        with zipfile.ZipFile(dest, "w") as zf:
-            for info, data in members:
-                zf.writestr(info, data)
-    return dest
-
-
-def _derive(src: Path, dest: Path, *, add: dict[str, bytes] | None = None,
-            replace: dict[str, bytes] | None = None, drop: tuple[str, ...] = (),
-            raw: list[tuple[zipfile.ZipInfo | str, bytes]] | None = None) -> Path:
-    """Copy of a real archive with entries added/replaced/dropped (names below the root)."""
-    root, entries = _entries(src)
-    members: list[tuple[zipfile.ZipInfo | str, bytes]] = []
-    for name, data in entries.items():
-        if name not in drop:
-            members.append((f"{root}/{name}", (replace or {}).get(name, data)))
-    members += [(f"{root}/{name}", data) for name, data in (add or {}).items()]
-    members += raw or []
-    return _write_zip(dest, members)
-
-
-def _raw_zip(dest: Path, names: list[bytes], flags: int = 0, zip64: bool = False) -> Path:
-    """A valid zip of empty stored entries, written directly (zipfile takes ~5 s for 100k)."""
-    local, central = bytearray(), bytearray()
-    for name in names:
-        offset = len(local)
-        local += struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, flags, 0, 0, 0x21, 0, 0, 0,
-                             len(name), 0) + name
-        central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, flags, 0, 0,
-                               0x21, 0, 0, 0, len(name), 0, 0, 0, 0, 0, offset) + name
-    count, cd_offset, cd_size = len(names), len(local), len(central)
-    tail = bytearray()
-    if zip64 or count >= 0xFFFF:
-        zip64_at = cd_offset + cd_size
-        tail += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
-                            cd_size, cd_offset)
-        tail += struct.pack("<4sIQI", b"PK\x06\x07", 0, zip64_at, 1)
-        count = 0xFFFF
-    tail += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, cd_size, cd_offset, 0)
-    dest.write_bytes(bytes(local + central + tail))
-    return dest
-
-
-def _zinfo(name: str, mode: int | None = None, method: int = zipfile.ZIP_STORED
-           ) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.compress_type = method
-    if mode is not None:
-        info.create_system = 3
-        info.external_attr = mode << 16
-    return info
-
-
 def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
     dest = tmp / f"{name}.pt2"
     limits = ArchiveLimits()
@@ -449,18 +392,6 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
-def _torch_save_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _edit_model_json(base: Path, dest: Path, edit: Any) -> Path:
-    model = json.loads(_entries(base)[1]["models/model.json"])
-    edit(model)
-    return _derive(base, dest, replace={"models/model.json": json.dumps(model).encode()})
-
-
 def _payload_archive(kind: str, base: Path, dest: Path, canary: Path) -> Path:
     if kind == "sample_inputs":
         return _derive(base, dest, replace={
@@ -593,3 +524,169 @@ def test_raw_zip_builder_writes_valid_archives(zip64: bool, tmp_path: Path) -> N
         assert zf.namelist() == ["r/a", "r/b"]
         assert zf.testzip() is None
     assert zlib.crc32(b"") == 0  # the builder writes CRC 0 for its empty entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile corpus: strings torch pastes into generated source
+
+SHAPES = [[2, 3, 16, 8], [2, 5]]
+
+
+def _pasting_archive(kind: str, base: Path, dest: Path, canary: Path) -> Path:
+    payload = "y=" + hostile.open_canary(canary)
+    if kind == "input_name":  # the last placeholder gets a default argument, run by exec
+        return _edit_model_json(base, dest, lambda m: hostile.rename_value(m, "y", payload))
+    if kind == "graph_value_name":  # the same in the graph only; the signature still says y
+        return _edit_model_json(base, dest, lambda m: hostile.rename_value(
+            m, "y", payload, in_signature=False))
+    if kind == "buffer_fqn":  # .module() writes getattr(self, "<fqn>")
+        return hostile.rename_fqn(base, dest, "shift", hostile.fqn_payload(canary))
+    raise AssertionError(kind)
+
+
+PASTING = {
+    "input_name": "archive_unsafe_input_name",
+    "graph_value_name": "archive_unsafe_value_name",
+    "buffer_fqn": "archive_unsafe_fqn",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PASTING))
+def test_names_pasted_into_source_never_run(kind: str, programs: dict[str, Path],
+                                            tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    path = _pasting_archive(kind, programs["base"], tmp_path / f"{kind}.pt2", canary)
+    for check in (inspect_archive, load_program):
+        with pytest.raises(KilnError) as err:
+            check(path)
+        assert err.value.code == PASTING[kind]
+        assert err.value.status == 400
+        assert err.value.details["entry"] == "models/model.json"
+        assert "open(" in err.value.details["name"]  # the offending string, named
+    assert not canary.exists()
+
+    # Control: plain torch.export.load (and .module()) in a fresh process runs the payload.
+    hostile.run_unguarded(path, SHAPES)
+    assert canary.exists(), f"{kind} payload did not run without Kiln's checks"
+
+
+def test_subgraph_value_names_are_checked(tmp_path: Path) -> None:
+    class Branchy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cond(x.sum() > 0, lambda a: a + 1, lambda a: a - 1, (x,))
+
+    base = tmp_path / "cond.pt2"
+    save(export(Branchy(), (torch.randn(3),)), str(base))
+    assert inspect_archive(base).inputs[0].name == "x"  # a real subgraph passes
+
+    def edit(model: dict[str, Any]) -> None:
+        cond = next(n for n in model["graph_module"]["graph"]["nodes"]
+                    if n["target"] == "torch.ops.higher_order.cond")
+        subgraph = cond["inputs"][1]["arg"]["as_graph"]["graph"]
+        old = subgraph["inputs"][0]["as_tensor"]["name"]
+        hostile.rename_value({"graph_module": {"graph": subgraph, "signature": {}}}, old,
+                             "a=" + hostile.open_canary(tmp_path / "canary"))
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(base, tmp_path / "evil_cond.pt2", edit))
+    assert err.value.code == "archive_unsafe_value_name"
+    assert ".as_graph.graph." in err.value.details["where"]
+
+
+@pytest.mark.parametrize("target", [
+    "torch.os.system",  # any callable reachable from torch by attribute resolves
+    "builtins.eval",
+    "torch.ops.aten.__getattr__.default",
+    "torch.ops.mylib.evil.default",
+    "torch.ops.higher_order.evil",
+    "#extension",
+])
+def test_node_targets_outside_the_operator_allowlist_are_refused(
+        target: str, programs: dict[str, Path], tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    path = _edit_model_json(programs["base"], tmp_path / "target.pt2",
+                            lambda m: hostile.call_target_payload(m, target, canary))
+    with pytest.raises(KilnError) as err:
+        inspect_archive(path)
+    assert err.value.code == "archive_unsafe_target"
+    assert err.value.details["name"] == target
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("name,code", [
+    ("lambda", "archive_unsafe_value_name"),
+    ("__class__", "archive_unsafe_value_name"),
+    ("torch", "archive_unsafe_value_name"),
+    ("a b", "archive_unsafe_value_name"),
+    ("a\u0301", "archive_unsafe_value_name"),  # non-ASCII: Python normalises identifiers
+])
+def test_value_names_must_be_plain_identifiers(name: str, code: str, programs: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        node = model["graph_module"]["graph"]["nodes"][-1]
+        old = node["outputs"][0]["as_tensor"]["name"]
+        hostile.rename_value(model, old, name)
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(programs["base"], tmp_path / "n.pt2", edit))
+    assert err.value.code == code
+    assert err.value.details["name"] == name
+
+
+def test_payload_names_must_match_the_signature(programs: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    def extra_payload(config: dict[str, Any]) -> None:
+        config["config"]["stowaway"] = dict(config["config"]["shift"])
+
+    path = hostile.edit_json(programs["base"], tmp_path / "extra.pt2",
+                             {"data/weights/model_weights_config.json": extra_payload})
+    with pytest.raises(KilnError) as err:
+        inspect_archive(path)
+    assert (err.value.code, err.value.details["fqn"]) == ("archive_fqn_mismatch", "stowaway")
+
+    def lift_missing(model: dict[str, Any]) -> None:
+        for spec in model["graph_module"]["signature"]["input_specs"]:
+            if "buffer" in spec:
+                spec["buffer"]["buffer_name"] = "ghost"
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(programs["base"], tmp_path / "ghost.pt2",
+                                         lift_missing))
+    assert err.value.code == "archive_fqn_mismatch"
+
+
+def test_carriage_return_in_node_metadata_is_refused(programs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        node = model["graph_module"]["graph"]["nodes"][0]
+        node["metadata"]["stack_trace"] = 'File "a.py", line 1, in f\r__import__("os")\n  x'
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(programs["base"], tmp_path / "cr.pt2", edit))
+    assert err.value.code == "archive_control_character"
+
+
+def test_real_exports_pass_the_name_allowlists(tmp_path: Path) -> None:
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+            self.norm = torch.nn.LayerNorm(8)
+            self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.register_buffer("scratch", torch.ones(8), persistent=False)
+            self.table = torch.arange(8.0)  # a lifted tensor constant
+
+        def forward(self, input: torch.Tensor, mask: torch.Tensor) -> Any:  # noqa: A002
+            for layer in self.layers:
+                input = layer(input)
+            y, _ = self.att(self.norm(input), input, input)
+            torch._check(input.shape[1] < 100)
+            return (y + self.scratch + self.table).softmax(-1), mask.nonzero().shape[0]
+
+    path = tmp_path / "mixed.pt2"
+    seq = Dim("seq", max=64)
+    save(export(Mixed(), (torch.randn(2, 5, 8), torch.ones(3, dtype=torch.bool)),
+                dynamic_shapes={"input": {0: Dim("batch", max=16), 1: seq}, "mask": None}),
+         str(path))
+    info = inspect_archive(path)
+    assert [i.name for i in info.inputs] == ["input", "mask"]

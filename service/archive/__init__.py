@@ -46,6 +46,11 @@ from service.archive.layout import (
     refuse,
     schema_error,
 )
+from service.archive.pasted_names import (
+    check_fqns_match,
+    check_pasted_names,
+    check_user_input_names,
+)
 from service.archive.signature import read_signature
 from service.archive.zipdir import (
     check_directory,
@@ -165,6 +170,8 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     constants = payload_entries(constants_config, CONSTANTS_DIR, CONSTANTS_CONFIG, entries)
 
     check_program_strings(model)
+    check_user_input_names(model)
+    check_pasted_names(model)
     schema = model.get("schema_version")
     schema_version = (f"{schema.get('major')}.{schema.get('minor')}"
                       if isinstance(schema, dict) else "")
@@ -173,6 +180,7 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     except (KeyError, TypeError, AttributeError) as exc:
         raise schema_error(f"unexpected structure ({type(exc).__name__}: {exc})",
                            model) from None
+    check_fqns_match(model, [f for f, _ in weights], [f for f, _ in constants])
     torch_version = model.get("torch_version")
 
     pickled = {WEIGHTS_DIR + m["path_name"] for _, m in weights if m.get("use_pickle")}
