@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import stat
+import struct
 import subprocess
 import sys
 import zipfile
@@ -213,6 +214,30 @@ def test_legit_program_loads_and_runs(programs: dict[str, Path]) -> None:
 # Hostile corpus: zip structure
 
 
+def _claimed_size_bomb(base: Path, dest: Path, json_bytes: int) -> Path:
+    """The 0.3 MB upload that took the API to 4.8 GB: a deflated model.json whose directory
+    record claims a compressed size large enough to pass a ratio rule computed from claims."""
+    root, found = _entries(base)
+    members: list[tuple[zipfile.ZipInfo | str, bytes]] = []
+    for name, data in found.items():
+        if name == "models/model.json":
+            data = b'{"graph_module": [' + b"0," * (json_bytes // 2) + b'0]}'
+            members.append((_zinfo(f"{root}/{name}", method=zipfile.ZIP_DEFLATED), data))
+        else:
+            members.append((f"{root}/{name}", data))
+    _write_zip(dest, members)
+    raw = bytearray(dest.read_bytes())
+    at = raw.index(b"PK\x01\x02")
+    while True:  # find model.json's central directory record and patch its compressed size
+        name_len = struct.unpack_from("<H", raw, at + 28)[0]
+        if raw[at + 46:at + 46 + name_len].endswith(b"models/model.json"):
+            struct.pack_into("<I", raw, at + 20, json_bytes // 100)
+            break
+        at = raw.index(b"PK\x01\x02", at + 4)
+    dest.write_bytes(bytes(raw))
+    return dest
+
+
 def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
     dest = tmp / f"{name}.pt2"
     limits = ArchiveLimits()
@@ -282,6 +307,32 @@ def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
         config["config"]["conv.weight"]["path_name"] = "../../models/model.json"
         _derive(base, dest, replace={
             "data/weights/model_weights_config.json": json.dumps(config).encode()})
+    elif name == "extra_file":
+        _derive(base, dest, add={"extra/notes.txt": b"x" * 100})
+    elif name == "unexpected_entry":
+        _derive(base, dest, add={"data/weights/nested/w": b"x"})
+    elif name == "prefix":
+        dest.write_bytes(b"#!/bin/sh\n" * 10 + base.read_bytes())
+    elif name == "comment":
+        _derive(base, dest)
+        with zipfile.ZipFile(dest, "a") as zf:
+            zf.comment = b"not part of any entry"
+    elif name == "claimed_compressed_size":
+        _claimed_size_bomb(base, dest, json_bytes=4 * 1024**2)
+    elif name == "directory_with_content":
+        _derive(base, dest, raw=[(f"{root}/data/", b"hidden bytes torch would read")])
+    elif name == "serialization_id":
+        _derive(base, dest, replace={".data/serialization_id": b"9" * 5000})
+    elif name == "serialization_id_charset":
+        _derive(base, dest, replace={".data/serialization_id": b"../../x"})
+    elif name == "empty_weight_record":
+        config = json.loads(_entries(base)[1]["data/weights/model_weights_config.json"])
+        meta = config["config"]["conv.weight"]
+        meta["tensor_meta"]["sizes"] = [{"as_int": 1 << 20}, {"as_int": 1 << 20}]
+        meta["tensor_meta"]["strides"] = [{"as_int": 1 << 20}, {"as_int": 1}]
+        _derive(base, dest, replace={
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            "data/weights/" + meta["path_name"]: b""})
     elif name == "missing_weight":
         config = json.loads(_entries(base)[1]["data/weights/model_weights_config.json"])
         _derive(base, dest, drop=("data/weights/" + config["config"]["conv.bias"]["path_name"],))
@@ -318,6 +369,15 @@ HOSTILE = {
     "unreadable_schema": "archive_unsupported_schema",
     "config_path": "archive_unsafe_path",
     "missing_weight": "not_an_exported_program",
+    "extra_file": "archive_extra_files",
+    "unexpected_entry": "archive_unexpected_entry",
+    "prefix": "archive_extra_bytes",
+    "comment": "archive_extra_bytes",
+    "claimed_compressed_size": "archive_extra_bytes",
+    "directory_with_content": "archive_directory_entry",
+    "serialization_id": "archive_bad_serialization_id",
+    "serialization_id_charset": "archive_bad_serialization_id",
+    "empty_weight_record": "archive_payload_size",
 }
 
 
@@ -374,7 +434,6 @@ def test_compression_ratio_applies_only_to_large_entries(programs: dict[str, Pat
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries.items():
             zf.writestr(f"{root}/{name}", data)
-        zf.writestr(f"{root}/extra/zeros.txt", bytes(512 * 1024))
     assert inspect_archive(dest).model_hash
 
 
@@ -690,3 +749,32 @@ def test_real_exports_pass_the_name_allowlists(tmp_path: Path) -> None:
          str(path))
     info = inspect_archive(path)
     assert [i.name for i in info.inputs] == ["input", "mask"]
+
+
+@pytest.mark.parametrize("expression", [
+    "Integer(2)**Integer(3)**Integer(100)",  # right-associative: 2**(3**100)
+    "Pow(Pow(Integer(2), Integer(64)), Integer(64))",
+    "Pow(Integer(10), Pow(Integer(10), Integer(12)))",
+    "PowByNatural(Integer(2), Symbol('s77', integer=True, positive=True))",
+    "Mul(Float('1e99999'), Symbol('s77'))",
+    f"Add(Integer('{'9' * 5000}'), Symbol('s77'))",
+])
+def test_expressions_torch_would_spin_on_are_refused(expression: str,
+                                                     programs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    def edit(model: dict[str, Any]) -> None:
+        size = model["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]
+        size["as_expr"]["expr_str"] = expression
+
+    with pytest.raises(KilnError) as err:
+        inspect_archive(_edit_model_json(programs["base"], tmp_path / "pow.pt2", edit))
+    assert err.value.code == "archive_unsafe_expression"
+    assert err.value.details["where"].endswith("sizes[0].as_expr")
+
+
+def test_bounded_powers_torch_writes_pass() -> None:
+    from service.archive import check_guard, check_sympy_expression
+
+    check_sympy_expression("Pow(Symbol('s0', integer=True, positive=True), Integer(2))")
+    check_sympy_expression("FloatPow(Symbol('s0'), Float('0.5'))")
+    check_guard("L['x'].size()[0] ** 2 <= 4096")

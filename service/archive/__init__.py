@@ -19,11 +19,18 @@ It also reads the input signature and computes the three hashes the cache is key
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zipfile
 
 from service.archive.code_strings import check_guard, check_program_strings, check_sympy_expression
-from service.archive.hashing import graph_hash, model_hash_of, payload_entries, weights_hash
+from service.archive.hashing import (
+    check_declared_bytes,
+    graph_hash,
+    model_hash_of,
+    payload_entries,
+    weights_hash,
+)
 from service.archive.layout import (
     CONSTANTS_CONFIG,
     CONSTANTS_DIR,
@@ -43,6 +50,7 @@ from service.archive.layout import (
     ArchiveLimits,
     DimSpec,
     InputSpec,
+    check_entry_name,
     refuse,
     schema_error,
 )
@@ -54,6 +62,7 @@ from service.archive.pasted_names import (
 from service.archive.signature import read_signature
 from service.archive.zipdir import (
     check_directory,
+    check_layout,
     directory_size,
     load_json,
     read_small,
@@ -103,6 +112,7 @@ def inspect_archive(
             raise refuse("not_a_zip", f"the upload is not a readable zip archive ({exc}); "
                          "upload the file written by torch.export.save") from None
         with zf:
+            check_layout(fh, zf, size)
             try:
                 return _inspect(zf, limits)
             except RecursionError:
@@ -147,6 +157,15 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
             raise refuse("archive_custom_object", f"archive entry {name!r} is a custom "
                          "(TorchScript or opaque) object; torch loads those with unrestricted "
                          "pickle, so Kiln does not accept them", entry=name)
+        check_entry_name(name)
+    if SERIALIZATION_ID in entries:
+        serialization_id = (read_small(zf, entries[SERIALIZATION_ID], SERIALIZATION_ID, 64)
+                            if entries[SERIALIZATION_ID].file_size <= 64 else b"")
+        if not re.fullmatch(rb"[0-9A-Za-z_-]{1,64}", serialization_id):
+            raise refuse("archive_bad_serialization_id", f"{SERIALIZATION_ID} is not the short "
+                         "id torch.export.save writes (up to 64 letters and digits); upload "
+                         "the file exactly as torch.export.save wrote it",
+                         entry=SERIALIZATION_ID)
 
     # Compared exactly, as torch's reader does.
     if read_small(zf, entries["archive_format"], "archive_format", 64) != b"pt2":
@@ -168,6 +187,8 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     constants_config = load_json(zf, entries, CONSTANTS_CONFIG, limits)
     weights = payload_entries(weights_config, WEIGHTS_DIR, WEIGHTS_CONFIG, entries)
     constants = payload_entries(constants_config, CONSTANTS_DIR, CONSTANTS_CONFIG, entries)
+    check_declared_bytes(weights, WEIGHTS_DIR, entries, limits)
+    check_declared_bytes(constants, CONSTANTS_DIR, entries, limits)
 
     check_program_strings(model)
     check_user_input_names(model)

@@ -40,7 +40,10 @@ _SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "pi", "E", "I", "
                           "True", "False", "None"})
 # String literals: a name (symbol names, L['x'] keys) or a number (Float('1.5')). No dots in
 # names, so sympify cannot be handed an attribute chain inside a string.
-_SAFE_STRING = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127}|[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)$")
+# Number strings are bounded in digits and in exponent: Float('1e999999999') or
+# Integer('9' * 10**6) would otherwise make sympy build huge numbers.
+_SAFE_STRING = re.compile(r"^([A-Za-z][A-Za-z0-9_]{0,127}"
+                          r"|[+-]?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})([eE][+-]?\d{1,3})?)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub,
               ast.UAdd, ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt,
@@ -68,10 +71,53 @@ def constant_int(node: ast.AST) -> int | None:
     return None
 
 
-def _check_exponent(node: ast.AST) -> None:
+def _exponent_size(node: ast.AST) -> int:
+    """How many times a power multiplies its base: |exponent| for a constant, else refuse."""
     value = constant_int(node)
-    if value is not None and abs(value) > _MAX_EXPONENT:
+    if value is None and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+            and node.func.id in ("Float", "Rational") and node.args \
+            and all(isinstance(a, ast.Constant) for a in node.args):
+        try:  # Float('0.5'), Rational(1, 2): the magnitude, rounded up
+            numbers = [float(a.value) for a in node.args]  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            raise Unsafe("exponent is not a number") from None
+        magnitude = abs(numbers[0] / numbers[1]) if len(numbers) == 2 and numbers[1] else \
+            abs(numbers[0])
+        value = int(magnitude) + 1 if magnitude == magnitude else None
+    if value is None:
+        raise Unsafe("exponent is not a constant number (a power of a power, or of a symbol, "
+                     "is not allowed)")
+    if abs(value) > _MAX_EXPONENT:
         raise Unsafe(f"exponent {value} is too large")
+    return abs(value)
+
+
+def _check_powers(tree: ast.AST) -> None:
+    """Bound every power, and the product of exponents of powers nested in a base.
+
+    sympy evaluates integer powers eagerly, so ``2**3**100`` (right-associative),
+    ``Pow(Pow(2, 64), 64)`` or a symbol exponent that a later substitution fills in would spin
+    the loader; exponents stay constant and their nested product within ``_MAX_EXPONENT``.
+    """
+    def walk(node: ast.AST, factor: int) -> None:
+        base_exp: tuple[ast.AST, ast.AST] | None = None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            base_exp = (node.left, node.right)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in _POW_CALLS and len(node.args) == 2):
+            base_exp = (node.args[0], node.args[1])
+        if base_exp is None:
+            for child in ast.iter_child_nodes(node):
+                walk(child, factor)
+            return
+        base, exponent = base_exp
+        factor *= max(_exponent_size(exponent), 1)
+        if factor > _MAX_EXPONENT:
+            raise Unsafe(f"nested powers raise to more than {_MAX_EXPONENT}")
+        walk(base, factor)
+        walk(exponent, factor)
+
+    walk(tree, 1)
 
 
 def _check_common(node: ast.AST) -> bool:
@@ -79,8 +125,6 @@ def _check_common(node: ast.AST) -> bool:
     if isinstance(node, (ast.Expression, ast.Load, *_OPERATORS)):
         return True
     if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare)):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            _check_exponent(node.right)
         return True
     if isinstance(node, ast.Constant):
         value = node.value
@@ -109,6 +153,7 @@ def _parse_expression(text: str) -> ast.Expression:
         raise Unsafe(f"not an expression ({type(exc).__name__})") from None
     if sum(1 for _ in ast.walk(tree)) > _MAX_EXPR_NODES:
         raise Unsafe("expression too large")
+    _check_powers(tree)
     return tree
 
 
@@ -128,8 +173,6 @@ def check_sympy_expression(text: str) -> ast.Expression:
         elif isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS):
                 raise Unsafe(f"call of {ast.unparse(node.func)[:40]!r} is not allowed")
-            if node.func.id in _POW_CALLS and len(node.args) == 2:
-                _check_exponent(node.args[1])
         elif isinstance(node, ast.keyword):
             if node.arg is None or not _SAFE_NAME.match(node.arg):
                 raise Unsafe("keyword argument is not allowed")

@@ -7,7 +7,14 @@ import json
 import zipfile
 from typing import Any
 
-from service.archive.layout import SERIALIZATION_ID, UNVERIFIABLE_CONSTANT_PREFIXES, refuse
+from service.archive.layout import (
+    ITEM_SIZES,
+    SCALAR_TYPES,
+    SERIALIZATION_ID,
+    UNVERIFIABLE_CONSTANT_PREFIXES,
+    ArchiveLimits,
+    refuse,
+)
 from service.archive.zipdir import path_problem
 
 
@@ -37,6 +44,52 @@ def payload_entries(config: Any, directory: str, config_name: str,
                          entry=directory + path_name, fqn=fqn)
         out.append((fqn, meta))
     return out
+
+
+def _declared_span(meta: Any) -> int | None:
+    """Bytes a plain payload's tensor_meta addresses (storage offset + strided extent), or
+    None when a size, stride or offset is not a plain int."""
+    try:
+        sizes = [d["as_int"] for d in meta["sizes"]]
+        strides = [d["as_int"] for d in meta["strides"]]
+        offset = meta["storage_offset"]["as_int"]
+        item = ITEM_SIZES[SCALAR_TYPES[meta["dtype"]]]
+    except (KeyError, TypeError):
+        return None
+    values = [*sizes, *strides, offset]
+    if any(type(v) is not int or v < 0 for v in values) or len(sizes) != len(strides):
+        return None
+    if any(v == 0 for v in sizes):
+        return 0
+    return (offset + sum((n - 1) * s for n, s in zip(sizes, strides)) + 1) * item
+
+
+def check_declared_bytes(payloads: list[tuple[str, dict[str, Any]]], directory: str,
+                         entries: dict[str, zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+    """A payload declares no more bytes than its record holds, and all are bounded.
+
+    torch allocates ``torch.zeros(declared shape)`` for an empty record and views any other
+    record with the declared strides: a few bytes of JSON could otherwise ask the loader for
+    terabytes. A record may be larger than the span (torch stores a view's whole storage).
+    Pickled payloads are bounded in total only: the worker's guard checks what they hold.
+    """
+    total = 0
+    for fqn, meta in payloads:
+        name = directory + meta["path_name"]
+        span = _declared_span(meta.get("tensor_meta"))
+        if span is None:
+            raise refuse("archive_unsupported_schema", f"payload {fqn!r} has no plain tensor "
+                         "metadata (dtype, int sizes, strides and offset)", entry=name, fqn=fqn)
+        total += span
+        record = entries[name].file_size
+        if not meta.get("use_pickle") and span > record:
+            raise refuse("archive_payload_size", f"payload {fqn!r} declares {span} bytes, but "
+                         f"its record {name!r} holds {record}; torch would allocate the "
+                         "difference", entry=name, fqn=fqn, declared=span, record=record)
+    if total > limits.max_uncompressed_bytes:
+        raise refuse("archive_too_large", f"the payloads declare {total} bytes, over the limit "
+                     f"of {limits.max_uncompressed_bytes}", declared=total,
+                     limit=limits.max_uncompressed_bytes)
 
 
 def _canonical(obj: Any) -> bytes:

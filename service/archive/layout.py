@@ -54,6 +54,20 @@ SERIALIZATION_ID = ".data/serialization_id"
 LEGACY_WEIGHTS = "data/weights/model.pt"
 LEGACY_CONSTANTS = "data/constants/model.pt"
 
+# Every entry torch.export.save writes for one program; anything else is refused. torch reads
+# extra/ files into memory whole, and unknown entries are at best dead weight in the hash.
+PLAIN_ENTRIES = frozenset({"archive_format", "archive_version", "byteorder", ".data/version",
+                           SERIALIZATION_ID, MODEL_JSON, WEIGHTS_CONFIG, CONSTANTS_CONFIG})
+PAYLOAD_DIRS = (WEIGHTS_DIR, CONSTANTS_DIR, SAMPLE_INPUTS_DIR)
+
+# Bytes per element, by dtype name (torch._utils._element_size).
+ITEM_SIZES: dict[str, int] = {
+    "uint8": 1, "int8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "int16": 2, "uint16": 2,
+    "float16": 2, "bfloat16": 2, "int32": 4, "uint32": 4, "float32": 4, "complex32": 4,
+    "int64": 8, "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16,
+}
+
 COMPILED_DIRS = ("data/aotinductor/",)
 COMPILED_SUFFIXES = (".so", ".dll", ".dylib", ".cubin", ".fatbin", ".ptx", ".hsaco", ".exe")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle")
@@ -151,6 +165,21 @@ class ArchiveInfo:
             "entry_count": self.entry_count,
             "uncompressed_bytes": self.uncompressed_bytes,
         }
+
+
+def check_entry_name(name: str) -> None:
+    """Refuse an entry that torch.export.save does not write (names below the root)."""
+    if name in PLAIN_ENTRIES:
+        return
+    for directory in PAYLOAD_DIRS:
+        if name.startswith(directory) and "/" not in name[len(directory):]:
+            return
+    if name.startswith("extra/"):
+        raise refuse("archive_extra_files", f"archive entry {name!r} is an extra file; torch "
+                     "reads extra files into memory whole, so Kiln does not accept them. Save "
+                     "the program without extra_files", entry=name)
+    raise refuse("archive_unexpected_entry", f"archive entry {name!r} is not one that "
+                 "torch.export.save writes; upload the file exactly as it wrote it", entry=name)
 
 
 def refuse(code: str, message: str, **details: Any) -> KilnError:

@@ -79,7 +79,7 @@ def check_directory(
 ) -> tuple[str, dict[str, zipfile.ZipInfo], int]:
     """Every check that needs only the central directory. Returns (root, entries, total)."""
     seen: set[str] = set()
-    total = 0
+    total = compressed = 0
     roots: set[str] = set()
     entries: dict[str, zipfile.ZipInfo] = {}
     for info in infos:
@@ -124,6 +124,17 @@ def check_directory(
                              "as torch.export.save wrote it (uncompressed)",
                              entry=name, ratio=round(ratio, 1),
                              limit=limits.max_compression_ratio)
+        compressed += info.compress_size
+        # Over the whole archive as well: many entries just under the per-entry threshold
+        # would otherwise expand without limit. The sizes are real here, not claims:
+        # check_layout has proved that the entries tile the file.
+        if total > 16 * MiB and total / max(compressed, 1) > limits.max_compression_ratio:
+            raise refuse("archive_compression_ratio", f"the archive expands "
+                         f"{total / max(compressed, 1):.0f}x overall, over the limit of "
+                         f"{limits.max_compression_ratio:.0f}x; upload the file as "
+                         "torch.export.save wrote it (uncompressed)", entry=name,
+                         ratio=round(total / max(compressed, 1), 1),
+                         limit=limits.max_compression_ratio)
         root, _, rest = name.partition("/")
         roots.add(root)
         # Checked for directory entries too: torch finds AOTInductor models by name prefix.
@@ -131,7 +142,12 @@ def check_directory(
             raise refuse("archive_compiled_code", f"archive entry {rest!r} is compiled code; "
                          "Kiln accepts programs only (torch.export.save), never AOTInductor "
                          "packages or native libraries", entry=rest)
-        if name.endswith("/"):
+        if name.endswith("/") or ftype == stat.S_IFDIR:
+            # torch's reader does not skip these by name: a "directory" is read like a file.
+            if not name.endswith("/") or info.file_size or info.compress_size > 2:
+                raise refuse("archive_directory_entry", f"archive entry {name!r} is a "
+                             "directory record with content (or a directory without a "
+                             "trailing '/'); directories must be empty records", entry=name)
             continue
         if not rest:
             raise refuse("not_an_exported_program", f"archive entry {name!r} is not inside the "
@@ -142,6 +158,77 @@ def check_directory(
         raise refuse("not_an_exported_program", "the archive's entries are not all in one root "
                      "folder, as torch.export.save writes them", roots=sorted(roots)[:10])
     return roots.pop(), entries, total
+
+
+_ZIP64_TAIL = 56 + 20  # zip64 end-of-directory record and its locator
+
+
+def check_layout(fh: Any, zf: zipfile.ZipFile, file_size: int) -> None:
+    """Refuse bytes outside entries: a prefix, gaps or overlaps between entries, a comment.
+
+    Entries must tile the file: local header, data, data descriptor, next entry, ..., central
+    directory, end records. Only then are the directory's compressed sizes facts rather than
+    claims (an entry whose claimed size runs into its neighbours is how a 0.3 MB upload asked
+    for gigabytes), and only then does every reader see the same bytes. The local header's
+    name must equal the directory's: readers that trust one or the other would disagree.
+    """
+    endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
+    comment = endrec[zipfile._ECD_COMMENT]  # type: ignore[attr-defined]
+    eocd_at = int(endrec[zipfile._ECD_LOCATION])  # type: ignore[attr-defined]
+    cd_size = int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
+    if comment or eocd_at + 22 != file_size:
+        raise refuse("archive_extra_bytes", "the archive has a comment or bytes after its end "
+                     "record; upload the file exactly as torch.export.save wrote it",
+                     where="end")
+    cd_at = zf.start_dir
+    if cd_at + cd_size not in (eocd_at, eocd_at - _ZIP64_TAIL):
+        raise refuse("archive_extra_bytes", "the archive has bytes between its central "
+                     "directory and its end record", where="directory")
+    position = 0
+    for info in sorted(zf.infolist(), key=lambda i: i.header_offset):
+        name = info.filename
+        if info.header_offset != position:
+            where = "prefix" if position == 0 else "gap"
+            raise refuse("archive_extra_bytes", f"the archive has bytes that belong to no entry "
+                         f"(a {where} before {name!r}, or overlapping entries); upload the "
+                         "file exactly as torch.export.save wrote it", entry=name, where=where,
+                         offset=position)
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise refuse("archive_corrupt", f"archive entry {name!r} has no local header where "
+                         "the directory says", entry=name)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        local_name = fh.read(name_len)
+        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
+                                                   else "cp437", "surrogateescape"):
+            raise refuse("archive_reader_mismatch", f"archive entry {name!r} has another name "
+                         "in its local header than in the directory", entry=name)
+        position = info.header_offset + 30 + name_len + extra_len + info.compress_size
+        if info.flag_bits & 0x8:
+            position += _descriptor_length(fh, position, info)
+    if position != cd_at:
+        raise refuse("archive_extra_bytes", "the archive has bytes between its last entry and "
+                     "its central directory", where="gap", offset=position)
+
+
+def _descriptor_length(fh: Any, at: int, info: zipfile.ZipInfo) -> int:
+    """Length of the data descriptor at ``at`` (signature optional, 32- or 64-bit sizes)."""
+    fh.seek(at)
+    raw = fh.read(24)
+    for signed in (True, False):
+        body = raw[4:] if signed else raw
+        if signed and raw[:4] != b"PK\x07\x08":
+            continue
+        for fmt in ("<III", "<IQQ"):
+            size = struct.calcsize(fmt)
+            if len(body) >= size:
+                crc, compressed, uncompressed = struct.unpack(fmt, body[:size])
+                if (crc, compressed, uncompressed) == (info.CRC, info.compress_size,
+                                                       info.file_size):
+                    return size + (4 if signed else 0)
+    raise refuse("archive_corrupt", f"archive entry {info.filename!r} has no valid data "
+                 "descriptor", entry=info.filename)
 
 
 def read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limit: int) -> bytes:
