@@ -4,18 +4,23 @@
 S3-compatible store (endpoint from ``KILN_S3_ENDPOINT_URL`` / the usual AWS variables). The
 database stores only the URI of each blob. Writes are atomic: a blob is either absent or
 complete, never partial, so a row never points at half a file.
+
+Blobs are content-addressed (``models/<sha256>.pt2``, ``engines/<sha256>.<suffix>``) and
+written once: ``put_file`` never replaces a blob that is there, except a damaged one when the
+caller says which sha256 the name stands for. So no upload can change bytes another user's row
+points at.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -34,10 +39,18 @@ class BlobInfo:
 class ArtifactStore(Protocol):
     root_uri: str
 
-    def put_file(self, local: Path, key: str) -> str:
-        """Store ``local`` under ``key`` atomically; return the blob's URI."""
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None,
+                 handover: bool = False) -> str:
+        """Store ``local`` under ``key`` atomically unless a blob is there; return its URI.
+
+        With ``sha256`` (the hash of ``local``), an existing blob whose bytes do not hash to it
+        is damaged and is replaced; without it, an existing blob is always kept. ``handover``
+        says the caller will neither write ``local`` again nor let anyone else do so, so a
+        local store may hard-link it instead of copying."""
 
     def get_file(self, uri: str, dest: Path) -> None: ...
+
+    def exists(self, uri: str) -> bool: ...
 
     def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
         """Yield bytes ``[start, end)`` in chunks (for downloads with Range)."""
@@ -61,21 +74,36 @@ class LocalArtifactStore:
             raise KilnError("bad_artifact_uri", f"{uri} is outside the artifact store", 500)
         return path
 
-    def put_file(self, local: Path, key: str) -> str:
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None,
+                 handover: bool = False) -> str:
         dest = self.root / key
+        if dest.exists() and (sha256 is None or _file_sha256(dest) == sha256):
+            return dest.as_uri()  # written once: the same name holds the same bytes
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".incoming-")
-        os.close(fd)
+        tmp = dest.parent / f".incoming-{os.getpid()}-{os.urandom(8).hex()}"
         try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)  # atomic on one filesystem: readers see all or nothing
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            try:
+                if not handover:
+                    raise OSError("copy: the caller keeps writing access to its file")
+                # Same filesystem (scratch dir next to the store): a hard link, no copy. The
+                # caller drops its name for the file afterwards; the store's name remains.
+                os.link(local, tmp)
+            except OSError:
+                shutil.copyfile(local, tmp)
+            try:
+                os.link(tmp, dest)  # atomic and never replaces: fails if a blob appeared
+            except FileExistsError:
+                if sha256 is not None and _file_sha256(dest) != sha256:
+                    os.replace(tmp, dest)  # repair a damaged blob, atomically
+        finally:
+            tmp.unlink(missing_ok=True)
         return dest.as_uri()
 
     def get_file(self, uri: str, dest: Path) -> None:
         shutil.copyfile(self._path(uri), dest)
+
+    def exists(self, uri: str) -> bool:
+        return self._path(uri).is_file()
 
     def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
         with open(self._path(uri), "rb") as f:
@@ -123,14 +151,36 @@ class S3ArtifactStore:
             raise KilnError("bad_artifact_uri", f"{uri} is outside the artifact store", 500)
         return parsed.path.lstrip("/")
 
-    def put_file(self, local: Path, key: str) -> str:
+    def put_file(self, local: Path, key: str, *, sha256: str | None = None,
+                 handover: bool = False) -> str:
         full = f"{self.prefix}/{key}" if self.prefix else key
-        # An S3 PUT is atomic: the object appears whole once the upload completes.
-        self.client.upload_file(str(local), self.bucket, full)
+        head = self._head(full)
+        if head is not None:
+            stored = (head.get("Metadata") or {}).get("sha256")
+            if sha256 is None or (stored == sha256
+                                  and int(head["ContentLength"]) == local.stat().st_size):
+                return f"s3://{self.bucket}/{full}"
+        # An S3 PUT is atomic: the object appears whole once the upload completes. The sha256
+        # goes along as metadata, so a later put can tell an intact blob from a damaged one.
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        self.client.upload_file(str(local), self.bucket, full, ExtraArgs=extra)
         return f"s3://{self.bucket}/{full}"
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return dict(self.client.head_object(Bucket=self.bucket, Key=key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
 
     def get_file(self, uri: str, dest: Path) -> None:
         self.client.download_file(self.bucket, self._key(uri), str(dest))
+
+    def exists(self, uri: str) -> bool:
+        return self._head(self._key(uri)) is not None
 
     def read_range(self, uri: str, start: int, end: int) -> Iterator[bytes]:
         if end <= start:
@@ -155,7 +205,9 @@ class S3ArtifactStore:
                                obj["LastModified"].timestamp())
 
 
-_STORES = {"file": LocalArtifactStore, "s3": S3ArtifactStore}
+_STORES: dict[str, Callable[[str], ArtifactStore]] = {
+    "file": LocalArtifactStore, "s3": S3ArtifactStore,
+}
 
 
 def open_store(uri: str) -> ArtifactStore:
@@ -163,6 +215,14 @@ def open_store(uri: str) -> ArtifactStore:
     if scheme not in _STORES:
         raise ValueError(f"KILN_ARTIFACT_URI scheme {scheme!r} is not one of {sorted(_STORES)}")
     return _STORES[scheme](uri)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def blob_age(info: BlobInfo) -> float:

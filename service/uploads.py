@@ -1,9 +1,16 @@
 """Intake of uploaded programs: stream to disk while hashing, inspect, store, index.
 
-The upload is written to a scratch file that nobody else sees, checked by
-``service.archive.inspect_archive`` (zip directory and JSON only, nothing unpickled), and only
-then moved into the artifact store and given a row. A refused or broken upload leaves nothing
-behind; an upload of content already stored returns the existing record.
+The upload is written to a scratch file that nobody else sees (hashed in the same pass),
+checked by ``service.archive`` in a memory-limited child process (zip directory and JSON only,
+nothing unpickled), and only then linked into the artifact store and given a row. A refused or
+broken upload leaves nothing behind.
+
+The blob is stored under the sha256 of the uploaded bytes (``models/<sha256>.pt2``), never
+under the canonical model hash: two uploads of "the same program" with other bytes (another
+root folder, serialization id, ...) are two blobs, so no user's upload can change the bytes
+another user's row points at. The canonical model hash stays the cache key. A re-upload of a
+program the caller already has returns the existing record, and repairs its blob first when
+that blob is missing or damaged.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from service.archive import inspect_archive
+from service.archive.isolated import inspect_isolated
+from service.artifacts import ArtifactStore
 from service.errors import KilnError
 from service.models import Model
 from service.services import Services
@@ -42,22 +50,42 @@ def stream_to_file(stream: BinaryIO, dest: Path, limit: int) -> tuple[str, int]:
     return sha.hexdigest(), size
 
 
+def blob_key(sha256: str) -> str:
+    return f"models/{sha256}.pt2"
+
+
+def blob_intact(store: ArtifactStore, uri: str, sha256: str, size: int) -> bool:
+    """Whether the blob at ``uri`` exists and holds exactly the bytes hashed ``sha256``."""
+    if not uri or not store.exists(uri) or store.size(uri) != size:
+        return False
+    digest = hashlib.sha256()
+    for chunk in store.read_range(uri, 0, size):
+        digest.update(chunk)
+    return digest.hexdigest() == sha256
+
+
 def save_upload(services: Services, owner: str, stream: BinaryIO, filename: str
                 ) -> tuple[Model, bool]:
     """Store an uploaded program; return (model, created)."""
     scratch = services.settings.scratch_dir / "uploads"
     scratch.mkdir(parents=True, exist_ok=True)
     tmp = scratch / f".partial-{uuid.uuid4().hex}"
+    store = services.store
     try:
         sha256, size = stream_to_file(stream, tmp, services.settings.max_upload_bytes)
-        info = inspect_archive(tmp)
+        info = inspect_isolated(tmp)
         with services.db.session() as session:
             existing = session.scalars(select(Model).where(
                 Model.owner == owner, Model.model_hash == info.model_hash)).first()
             if existing is not None:
+                if not blob_intact(store, existing.blob_uri, existing.sha256, existing.size):
+                    # Repair: the caller's own row now points at the bytes just uploaded
+                    # (the same program by its canonical hash), stored under their sha256.
+                    existing.blob_uri = store.put_file(tmp, blob_key(sha256), sha256=sha256,
+                                                      handover=True)
+                    existing.sha256, existing.size = sha256, size
                 return existing, False
-        # Content-addressed by the canonical hash: one blob serves every owner of this program.
-        blob_uri = services.store.put_file(tmp, f"models/{info.model_hash}.pt2")
+        blob_uri = store.put_file(tmp, blob_key(sha256), sha256=sha256, handover=True)
         signature = info.to_json()
         model = Model(owner=owner, model_hash=info.model_hash, graph_hash=info.graph_hash,
                       weights_hash=info.weights_hash, sha256=sha256, size=size,
