@@ -260,6 +260,9 @@ def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
     elif name == "json_over_limit":
         dest.write_bytes(base.read_bytes())
         limits = ArchiveLimits(max_json_bytes=100)
+    elif name == "json_values":
+        dest.write_bytes(base.read_bytes())
+        limits = ArchiveLimits(max_json_values=100)
     elif name == "traversal":
         _derive(base, dest, add={"../../evil": b"x"})
     elif name == "absolute":
@@ -349,6 +352,7 @@ HOSTILE = {
     "too_many_entries": "archive_too_many_entries",
     "too_large": "archive_too_large",
     "json_over_limit": "archive_too_large",
+    "json_values": "archive_json_too_complex",
     "traversal": "archive_unsafe_path",
     "absolute": "archive_unsafe_path",
     "backslash": "archive_unsafe_path",

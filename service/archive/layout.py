@@ -97,6 +97,8 @@ class ArchiveLimits:
     max_compression_ratio: float = 200.0
     ratio_check_min_bytes: int = 1 * MiB
     max_json_bytes: int = 256 * MiB
+    # About 500 MB of parsed objects at most; the example encoder's model.json holds ~3 k.
+    max_json_values: int = 8_000_000
 
 
 DEFAULT_LIMITS = ArchiveLimits()

@@ -271,6 +271,15 @@ def sha256_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> str:
 def load_json(zf: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], name: str,
                limits: ArchiveLimits) -> Any:
     data = read_small(zf, entries[name], name, limits.max_json_bytes)
+    # Parsed JSON costs ~60-70 bytes of Python objects per value, whatever its byte size:
+    # count the values (every value but the first follows a ',', '[' or ':') before parsing,
+    # at C speed. Punctuation inside strings counts too, which errs on the safe side.
+    values = data.count(b",") + data.count(b"[") + data.count(b":")
+    if values > limits.max_json_values:
+        raise refuse("archive_json_too_complex", f"archive entry {name!r} holds about {values} "
+                     f"JSON values, over the limit of {limits.max_json_values}; torch.export "
+                     "writes far fewer for any real program", entry=name, values=values,
+                     limit=limits.max_json_values)
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
