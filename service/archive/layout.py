@@ -112,6 +112,9 @@ class DimSpec:
     max: int | None
     hint: int | None
     derived: bool = False
+    # What people see instead of torch's internal symbol (s77): the user's torch.export.Dim
+    # name where the archive carries it, else "dim N of INPUT" (the first dim with the symbol).
+    label: str | None = None
 
     def to_json(self) -> int | dict[str, Any]:
         if self.static is not None:
@@ -119,6 +122,8 @@ class DimSpec:
         out: dict[str, Any] = {"symbol": self.symbol, "min": self.min, "max": self.max}
         if self.derived:
             out["derived"] = True
+        if self.label is not None:
+            out["label"] = self.label
         return out
 
 

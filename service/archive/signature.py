@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from typing import Any
 
 from service.archive.code_strings import Unsafe, check_sympy_expression, constant_int
@@ -151,6 +152,9 @@ def read_signature(
         raise schema_error(f"missing {exc}", model) from None
     ranges = _symbol_ranges(model)
     inputs: list[InputSpec] = []
+    # torch.export.save (torch 2.13) keeps no torch.export.Dim names: range_constraints and
+    # every shape hold only the symbols (s77), so dims are labelled by where they first occur.
+    labels: dict[str, str] = {}
     for index, spec in enumerate(input_specs):
         if isinstance(spec, dict) and "constant_input" in spec:
             # A non-tensor forward argument that export specialised: the program still expects
@@ -192,6 +196,10 @@ def read_signature(
             raise refuse("unsupported_input", f"input {name!r} is not a dense (strided) tensor;"
                          " sparse and other layouts are not supported", input=name,
                          layout=meta.get("layout"))
+        dims = tuple(
+            dim if dim.static is not None else dataclasses.replace(
+                dim, label=labels.setdefault(str(dim.symbol), f"dim {i} of {name}"))
+            for i, dim in enumerate(dims))
         inputs.append(InputSpec(name=name, dtype=dtype, dims=dims))
     outputs: list[str] = []
     for spec in output_specs:
