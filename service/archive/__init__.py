@@ -12,8 +12,19 @@ into code execution before a worker ever sees the file:
   ``sympy.sympify`` while loading, and every ``guards_code`` line is ``exec``-ed by
   ``ExportedProgram.module()``. Both must pass a small AST allowlist.
 - pytree specs whose context asks ``importlib.import_module`` for a module named in the file.
+- strings that torch pastes into the source it generates: graph value names, FQNs, node
+  targets (``pasted_names``).
+- resource bombs: entries must tile the file (no prefix, gaps, overlaps or comment), so sizes
+  and ratios are facts; JSON values are counted before parsing; powers and number strings in
+  expressions are bounded; payloads declare no more bytes than their records hold. The API
+  runs all of it in a memory-limited child (``isolated``).
 
 It also reads the input signature and computes the three hashes the cache is keyed on.
+
+One module per concern: ``zipdir`` (zip directory rules, bounded reads), ``code_strings``
+(evaluated strings), ``pasted_names`` (strings pasted into source), ``signature``,
+``hashing`` (payload configs and hashes), ``layout`` (entry names, limits, result types);
+this module orchestrates.
 """
 
 from __future__ import annotations
