@@ -208,14 +208,29 @@ def test_claimed_size_bomb_leaves_api_memory_flat(program: Path, tmp_path: Path)
     assert float(result["growth_mb"]) < 200  # type: ignore[arg-type]
 
 
-def test_honest_json_bomb_is_stopped_by_the_intake_memory_limit(program: Path,
-                                                                 tmp_path: Path) -> None:
-    # Stored, ratio 1, every size true: only the parse itself is big (~1.4 GB of objects).
+def test_honest_json_bomb_leaves_api_memory_flat(program: Path, tmp_path: Path) -> None:
+    # Stored, ratio 1, every size true: only the parse itself would be big (~1.4 GB).
     bomb = _json_bomb(program, tmp_path / "stored.pt2", 64 * 1024**2, zipfile.ZIP_STORED)
     result = _measure_upload(tmp_path, bomb)
     print("measured", result)
-    assert result["code"] == "archive_too_complex"
+    assert result["code"] == "archive_json_too_complex"
     assert float(result["growth_mb"]) < 200  # type: ignore[arg-type]
+
+
+def test_what_the_rules_miss_the_memory_limit_stops(program: Path, tmp_path: Path) -> None:
+    from service.archive.isolated import inspect_isolated
+
+    # 3 M empty objects: under the value-count rule (only the commas count them), ~250 MB
+    # once parsed. The child's address-space cap stops it; the same cap passes a real program.
+    body = b'{"graph_module": [' + b"{}," * 3_000_000 + b"{}]}"
+    bomb = hostile.derive(program, tmp_path / "objects.pt2",
+                          replace={"models/model.json": body})
+    limit = 400 * 1024**2
+    assert inspect_isolated(program, memory_bytes=limit).model_hash
+    with pytest.raises(KilnError) as err:
+        inspect_isolated(bomb, memory_bytes=limit)
+    assert err.value.code == "archive_too_complex"
+    assert err.value.details["memory_limit"] == limit
 
 
 def test_refusal_reaches_the_client_in_the_error_shape(program: Path, tmp_path: Path) -> None:

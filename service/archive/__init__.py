@@ -202,6 +202,8 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     check_declared_bytes(constants, CONSTANTS_DIR, entries, limits)
 
     check_program_strings(model)
+    check_user_input_names(model)
+    check_pasted_names(model)
     schema = model.get("schema_version")
     schema_version = (f"{schema.get('major')}.{schema.get('minor')}"
                       if isinstance(schema, dict) else "")
@@ -210,9 +212,6 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     except (KeyError, TypeError, AttributeError) as exc:
         raise schema_error(f"unexpected structure ({type(exc).__name__}: {exc})",
                            model) from None
-    # After read_signature, which refuses a model.json of another structure.
-    check_user_input_names(model)
-    check_pasted_names(model)
     check_fqns_match(model, [f for f, _ in weights], [f for f, _ in constants])
     torch_version = model.get("torch_version")
 

@@ -113,11 +113,18 @@ def _refuse_name(code: str, what: str, where: str, name: Any, rule: str) -> Kiln
                   name=shown)
 
 
+def _path(obj: Any, *keys: str) -> Any:
+    """obj[k1][k2]... or None, for a JSON tree of any shape."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
 def check_user_input_names(model: dict[str, Any]) -> None:
     """User input names become binding names (keyword arguments of the compiled engine)."""
-    signature = (model.get("graph_module") or {}).get("signature") or {}
-    for index, spec in enumerate(signature.get("input_specs") or []):
-        arg = ((spec or {}).get("user_input") or {}).get("arg") if isinstance(spec, dict) else None
+    specs = _path(model, "graph_module", "signature", "input_specs")
+    for index, spec in enumerate(specs if isinstance(specs, list) else []):
+        arg = _path(spec, "user_input", "arg")
         if not isinstance(arg, dict) or len(arg) != 1:
             continue
         inner = next(iter(arg.values()))
@@ -197,9 +204,9 @@ def check_fqns_match(model: dict[str, Any], weights: list[str], constants: list[
     signature does not lift would be set on the module unchecked, and a lifted name with no
     payload fails only inside the build.
     """
-    signature = (model.get("graph_module") or {}).get("signature") or {}
+    specs = _path(model, "graph_module", "signature", "input_specs")
     lifted: dict[str, str] = {}
-    for index, spec in enumerate(signature.get("input_specs") or []):
+    for index, spec in enumerate(specs if isinstance(specs, list) else []):
         if not isinstance(spec, dict) or len(spec) != 1:
             continue
         kind, body = next(iter(spec.items()))
