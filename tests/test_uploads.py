@@ -258,3 +258,16 @@ def test_isolated_inspection_returns_the_same_info(program: Path) -> None:
     with pytest.raises(KilnError) as err:
         inspect_isolated(Path(io.__file__))  # not a zip
     assert err.value.code == "not_a_zip"
+
+
+def test_stream_to_file_hashes_every_byte_once_written(tmp_path: Path) -> None:
+    from service.uploads import stream_to_file
+
+    data = os.urandom(5 * 1024**2 + 123)  # several chunks and a partial one
+    dest = tmp_path / "out"
+    assert stream_to_file(io.BytesIO(data), dest, 1 << 30) == (
+        hashlib.sha256(data).hexdigest(), len(data))
+    assert dest.read_bytes() == data
+    with pytest.raises(KilnError) as err:
+        stream_to_file(io.BytesIO(data), tmp_path / "over", 1024**2)
+    assert (err.value.code, err.value.status) == ("upload_too_large", 413)
