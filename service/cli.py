@@ -124,6 +124,33 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool, backends:
             supervisor.stop()
 
 
+@main.command("housekeeping")
+def housekeeping_loop() -> None:
+    """Run housekeeping in the foreground: sweep lost jobs, evict, collect orphans.
+
+    Workers and `kiln serve` run it already; a deployment whose workers may all be down runs
+    this too (each task still runs once per deployment: they share a lease).
+    """
+    import threading
+
+    from service import housekeeping
+    from service.logging_setup import configure as configure_logging
+    from service.services import Services
+
+    services = Services(Settings.from_env())
+    configure_logging(services.settings.log_format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo("housekeeping: sweeping every "
+               f"{services.settings.sweep_interval_s} s, collecting a page of the store every "
+               f"{services.settings.gc_interval_s} s")
+    try:
+        housekeeping.run_forever(services, f"housekeeping@{socket.gethostname()}-{os.getpid()}",
+                                 stop)
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command()
 @click.option("--dry-run", is_flag=True, help="only say what would be collected")
 def gc(dry_run: bool) -> None:
