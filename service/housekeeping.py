@@ -126,9 +126,11 @@ def run_due(services: Services, holder: str) -> dict[str, TaskResult]:
     """Run each task that is due and that no other process holds; return what ran."""
     ran: dict[str, TaskResult] = {}
     for task, every_s, fn in schedule(services):
-        # A lease outlives a slow run (a big eviction) but not a dead holder for long.
+        # A holder killed mid-run blocks the task until its lease lapses, so the lease is
+        # short; a run that outlasts it may overlap the next, which every task tolerates
+        # (sweep updates are conditional, deletes idempotent).
         cursor = take_lease(services, task, holder, every_s,
-                            lease_s=max(60.0, 4 * services.settings.sweep_interval_s))
+                            lease_s=max(10.0, 3.0 * services.settings.sweep_interval_s))
         if cursor is None:
             continue
         result = None
@@ -143,7 +145,10 @@ def run_due(services: Services, holder: str) -> dict[str, TaskResult]:
 
 
 def run_forever(services: Services, holder: str, stop: threading.Event) -> None:
-    interval = max(1.0, min(services.settings.sweep_interval_s, services.settings.gc_interval_s))
+    # Wake four times a period: a task is due ``every_s`` after its last run ended, and
+    # waking once a period would find it just short of due and run it every other period.
+    period = min(services.settings.sweep_interval_s, services.settings.gc_interval_s)
+    interval = max(0.5, period / 4)
     while not stop.is_set():
         try:
             run_due(services, holder)
