@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 from sqlalchemy import text
 
+from service import metrics as kiln_metrics
 from service.api import api, spec
 from service.db import check_schema
 from service.errors import register_error_handlers
@@ -52,8 +53,10 @@ def create_app(settings: Settings | None = None) -> Flask:
             s.execute(text("SELECT 1"))
         return jsonify({"status": "ok"})
 
+    kiln_metrics.init_app(app)
+
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        return kiln_metrics.scrape(services)
 
     return app

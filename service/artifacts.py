@@ -17,7 +17,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,7 +59,8 @@ class ArtifactStore(Protocol):
 
     def delete(self, uri: str) -> None: ...
 
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]: ...
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[BlobInfo]:
+        """Blobs in URI order; ``start_after`` (a URI) resumes a listing after that blob."""
 
 
 class LocalArtifactStore:
@@ -125,31 +126,45 @@ class LocalArtifactStore:
     def delete(self, uri: str) -> None:
         self._path(uri).unlink(missing_ok=True)
 
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[BlobInfo]:
         base = self.root / prefix
         if not base.exists():
             return
-        for path in base.rglob("*"):
+        for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith(".incoming-"):
+                uri = path.as_uri()
+                if start_after and uri <= start_after:
+                    continue
                 st = path.stat()
-                yield BlobInfo(path.as_uri(), st.st_size, st.st_mtime)
+                yield BlobInfo(uri, st.st_size, st.st_mtime)
 
 
 class S3ArtifactStore:
-    def __init__(self, root_uri: str) -> None:
+    """Any S3-compatible store under ``s3://bucket/prefix``; this store owns only that prefix.
+
+    ``presign_s`` > 0 lets downloads go straight to the store: :meth:`download_url` hands out
+    a URL signed for that many seconds, and the API redirects to it instead of streaming.
+    """
+
+    def __init__(self, root_uri: str, presign_s: int = 0) -> None:
         import boto3  # only S3 deployments need it loaded
 
         parsed = urlparse(root_uri)
         self.root_uri = root_uri.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+        self.presign_s = presign_s
         self.client = boto3.client("s3", endpoint_url=os.environ.get("KILN_S3_ENDPOINT_URL"))
 
     def _key(self, uri: str) -> str:
         parsed = urlparse(uri)
-        if parsed.netloc != self.bucket:
+        key = parsed.path.lstrip("/")
+        # Another prefix of the same bucket belongs to someone else: never read or delete it.
+        if (parsed.scheme != "s3" or parsed.netloc != self.bucket
+                or (self.prefix and not key.startswith(self.prefix + "/"))
+                or ".." in key.split("/")):
             raise KilnError("bad_artifact_uri", f"{uri} is outside the artifact store", 500)
-        return parsed.path.lstrip("/")
+        return key
 
     def put_file(self, local: Path, key: str, *, sha256: str | None = None,
                  handover: bool = False) -> str:
@@ -196,25 +211,42 @@ class S3ArtifactStore:
     def delete(self, uri: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(uri))
 
-    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[BlobInfo]:
+        """Blobs under ``prefix`` in key order, 1,000 per LIST request, lazily.
+
+        ``start_after`` (a blob URI) resumes a listing there, so a collector can walk the
+        store a page at a time across runs instead of listing all of it each time.
+        """
         full = "/".join(p for p in (self.prefix, prefix) if p)
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=full):
+        # The trailing slash keeps prefix "store" from matching "store-other/...".
+        full = f"{full}/" if full and not prefix else full
+        args: dict[str, str] = {"Bucket": self.bucket, "Prefix": full}
+        if start_after:
+            args["StartAfter"] = self._key(start_after)
+        for page in self.client.get_paginator("list_objects_v2").paginate(**args):
             for obj in page.get("Contents", []):
                 yield BlobInfo(f"s3://{self.bucket}/{obj['Key']}", int(obj["Size"]),
                                obj["LastModified"].timestamp())
 
+    def download_url(self, uri: str, filename: str) -> str | None:
+        """A presigned GET URL for ``uri`` (None when presigning is off)."""
+        if self.presign_s <= 0:
+            return None
+        return str(self.client.generate_presigned_url(
+            "get_object", ExpiresIn=self.presign_s, Params={
+                "Bucket": self.bucket, "Key": self._key(uri),
+                "ResponseContentDisposition": f'attachment; filename="{filename}"',
+                "ResponseContentType": "application/octet-stream"}))
 
-_STORES: dict[str, Callable[[str], ArtifactStore]] = {
-    "file": LocalArtifactStore, "s3": S3ArtifactStore,
-}
 
-
-def open_store(uri: str) -> ArtifactStore:
+def open_store(uri: str, presign_s: int = 0) -> ArtifactStore:
+    """The store for ``uri``'s scheme; ``presign_s`` applies to stores that can presign."""
     scheme = urlparse(uri).scheme
-    if scheme not in _STORES:
-        raise ValueError(f"KILN_ARTIFACT_URI scheme {scheme!r} is not one of {sorted(_STORES)}")
-    return _STORES[scheme](uri)
+    if scheme == "file":
+        return LocalArtifactStore(uri)
+    if scheme == "s3":
+        return S3ArtifactStore(uri, presign_s=presign_s)
+    raise ValueError(f"KILN_ARTIFACT_URI scheme {scheme!r} is not one of ['file', 's3']")
 
 
 def _file_sha256(path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,26 +75,43 @@ def _interrupt(*_: object) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="default: $KILN_DATA_DIR "
               "or ./.kiln")
-@click.option("--no-worker", is_flag=True, help="serve the API only")
-def serve(host: str, port: int, data_dir: str | None, no_worker: bool) -> None:
-    """Start the API and one worker on the embedded defaults (or the configured servers)."""
+@click.option("--no-worker", "--api-only", "no_worker", is_flag=True,
+              help="serve the API only (housekeeping still runs)")
+@click.option("--backends", default="", help="the worker's backends, e.g. aoti,onnx "
+              "(default: all this host can build)")
+def serve(host: str, port: int, data_dir: str | None, no_worker: bool, backends: str) -> None:
+    """Start the API and one supervised worker on the embedded defaults (or the configured
+    servers). A worker that dies is restarted, and its jobs are requeued saying why."""
     from werkzeug.serving import make_server
 
+    from service import housekeeping
     from service.app import create_app
     from service.db import upgrade
+    from service.logging_setup import configure as configure_logging
+    from service.worker_supervisor import WorkerSupervisor
 
     settings = Settings.from_env(data_dir=data_dir)
+    configure_logging(settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     env = {**os.environ, **settings.to_env()}
-    proc = None
+    argv = [sys.executable, "-m", "workers", "--name", "local"]
+    if backends:
+        argv += ["--backends", backends]
+    app = create_app(settings)
+    services = app.extensions["kiln"]
+    supervisor = None
     if not no_worker:
         click.echo("starting a worker (probing this host's toolchains)...")
-        proc = subprocess.Popen([sys.executable, "-m", "workers", "--name", "local"], env=env)
+        supervisor = WorkerSupervisor(services, lambda: subprocess.Popen(argv, env=env))
+    # Sweeping here too: with the worker dead, a lapsed lease must still be swept.
+    stop_housekeeping = housekeeping.start_thread(services, f"serve@{socket.gethostname()}-"
+                                                  f"{os.getpid()}")
     try:
-        if proc:
-            _wait_for_worker(settings, proc, timeout_s=300)
-        server = make_server(host, port, create_app(settings), threaded=True)
+        if supervisor:
+            _wait_for_worker(settings, supervisor.proc, timeout_s=300)
+            supervisor.watch()
+        server = make_server(host, port, app, threaded=True)
         click.echo(f"Kiln is serving on http://{host}:{server.server_port}  "
                    f"(data in {settings.data_dir}; dashboard at /admin)")
         signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the worker goes too
@@ -101,12 +119,67 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if proc and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_housekeeping.set()
+        if supervisor:
+            supervisor.stop()
+
+
+@main.command("housekeeping")
+def housekeeping_loop() -> None:
+    """Run housekeeping in the foreground: sweep lost jobs, evict, collect orphans.
+
+    Workers and `kiln serve` run it already; a deployment whose workers may all be down runs
+    this too (each task still runs once per deployment: they share a lease).
+    """
+    import threading
+
+    from service import housekeeping
+    from service.logging_setup import configure as configure_logging
+    from service.services import Services
+
+    services = Services(Settings.from_env())
+    configure_logging(services.settings.log_format)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo("housekeeping: sweeping every "
+               f"{services.settings.sweep_interval_s} s, collecting a page of the store every "
+               f"{services.settings.gc_interval_s} s")
+    try:
+        housekeeping.run_forever(services, f"housekeeping@{socket.gethostname()}-{os.getpid()}",
+                                 stop)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="only say what would be collected")
+def gc(dry_run: bool) -> None:
+    """Collect orphaned blobs and enforce the store budget now, over the whole store.
+
+    Housekeeping does this a page at a time on its own; this is the full pass, on demand.
+    """
+    from service import store_budget
+    from service.services import Services
+
+    services = Services(Settings.from_env())
+    settings = services.settings
+    if dry_run:
+        orphans = store_budget.find_orphans(services, settings.gc_grace_s)
+        for uri in orphans:
+            click.echo(f"would collect {uri}")
+        click.echo(f"{len(orphans)} orphaned blob(s) older than {settings.gc_grace_s} s")
+        return
+    evicted = 0
+    if settings.store_budget_bytes:
+        report = store_budget.enforce_budget(services, settings.store_budget_bytes,
+                                             settings.gc_grace_s)
+        evicted = len(report.evicted)
+        click.echo(f"evicted {evicted} engine(s): {report.bytes_before} -> "
+                   f"{report.bytes_after} bytes (budget {settings.store_budget_bytes})")
+    removed = store_budget.collect_orphans(services, settings.gc_grace_s)
+    for uri in removed:
+        click.echo(f"collected {uri}")
+    click.echo(f"collected {len(removed)} orphaned blob(s) older than {settings.gc_grace_s} s")
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -1,7 +1,9 @@
 """Database engine and sessions: one place that commits or rolls back.
 
 The schema is created by Alembic only (``migrations/``); ``check_schema`` refuses to run
-against a database that is not at the head revision, so a stale database fails loudly.
+against a database that is not at the head revision, so a stale database fails loudly. The
+migrations folder sits at the repository's top level and ships inside the wheel as
+``service.migrations`` (pyproject's package-dir).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
@@ -16,7 +19,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import KilnError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+
+def migrations_dir() -> Path:
+    """The Alembic script folder: the checkout's own, else the one installed with the package.
+
+    The checkout comes first: in an editable install the import system may map
+    ``service.migrations`` to another checkout's folder than the code that is running.
+    """
+    checkout = Path(__file__).resolve().parent.parent / "migrations"
+    if (checkout / "env.py").is_file():
+        return checkout
+    from importlib.resources import files
+
+    # Through the regular package ``service``: ``service.migrations`` has no __init__.py, and a
+    # namespace package's files() is not a filesystem path Alembic can use.
+    installed = Path(str(files("service") / "migrations"))
+    if not (installed / "env.py").is_file():
+        raise RuntimeError(f"Kiln's migrations are missing (looked in {checkout} and "
+                           f"{installed}): reinstall the package")
+    return installed
 
 
 def make_engine(url: str) -> Engine:
@@ -24,7 +48,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while a worker writes; foreign keys are off by default.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
@@ -58,11 +82,11 @@ class Database:
         self.engine.dispose()
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

@@ -21,6 +21,12 @@ def artifact_response(store: ArtifactStore, uri: str, sha256: str, size: int,
     }
     if request.if_none_match.contains(sha256):
         return Response(status=304, headers=headers)
+    presign = getattr(store, "download_url", None)  # S3 with KILN_DOWNLOAD_PRESIGN_S > 0
+    url = presign(uri, filename) if presign is not None else None
+    if url:
+        # The bytes go from the store to the client; the redirect expires, so it is not cached.
+        return Response(status=302, headers={**headers, "Location": url,
+                                             "Cache-Control": "private, no-store"})
     range_header = request.headers.get("Range")
     local_path = getattr(store, "local_path", None)
     if local_path is not None and not range_header:

@@ -169,3 +169,23 @@ class Submission(Base):
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     engine_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+
+
+class HousekeepingTask(Base):
+    """A periodic task run by one process of the deployment at a time (``service.housekeeping``).
+
+    The row is a lease: whoever holds it unexpired runs the task. It also keeps the task's
+    resume point (GC's listing cursor) and running totals, which ``/metrics`` reports.
+    """
+
+    __tablename__ = "housekeeping"
+
+    task: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    cursor: Mapped[str | None] = mapped_column(Text, nullable=True)
+    runs: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Evicted engines or collected blobs, and their bytes, since the deployment began.
+    items_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -23,7 +23,7 @@ class Services:
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return open_store(self.settings.artifact_uri)
+        return open_store(self.settings.artifact_uri, presign_s=self.settings.download_presign_s)
 
     @cached_property
     def celery(self) -> Celery:

@@ -8,7 +8,7 @@ artifact directory and a Celery broker on SQLite (kombu's SQLAlchemy transport),
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,13 @@ class Settings:
     # Store budget (0 = unlimited) and the grace period before an unreferenced blob is collected.
     store_budget_bytes: int = 0
     gc_grace_s: int = 3600
+    # Orphan collection walks the store a page at a time, one page per this many seconds.
+    gc_interval_s: int = 300
+    # S3 only: > 0 redirects engine downloads to a URL presigned for this long, so the bytes
+    # go from the store to the client without passing through the API.
+    download_presign_s: int = 0
+    # "text" or "json" (one object a line, with the job id on every line about a job).
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -76,7 +83,12 @@ class Settings:
             worker_ttl_s=_int(env, "KILN_WORKER_TTL_S", cls.worker_ttl_s),
             store_budget_bytes=_int(env, "KILN_STORE_BUDGET_BYTES", cls.store_budget_bytes),
             gc_grace_s=_int(env, "KILN_GC_GRACE_S", cls.gc_grace_s),
+            gc_interval_s=_int(env, "KILN_GC_INTERVAL_S", cls.gc_interval_s),
+            download_presign_s=_int(env, "KILN_DOWNLOAD_PRESIGN_S", cls.download_presign_s),
+            log_format=env.get("KILN_LOG_FORMAT", cls.log_format),
         )
+        if settings.log_format not in ("text", "json"):
+            raise ValueError(f"KILN_LOG_FORMAT must be text or json, got {settings.log_format!r}")
         return replace(settings, **overrides)
 
     @property
@@ -86,13 +98,7 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in another process (a worker)."""
-        env = {
-            "KILN_DATA_DIR": str(self.data_dir),
-            "KILN_DATABASE_URL": self.database_url,
-            "KILN_BROKER_URL": self.broker_url,
-            "KILN_ARTIFACT_URI": self.artifact_uri,
-        }
-        for name in ("lease_s", "sweep_interval_s", "requeue_after_s", "max_attempts",
-                     "build_timeout_s", "build_memory_mb", "worker_ttl_s"):
-            env[f"KILN_{name.upper()}"] = str(getattr(self, name))
-        return env
+        # Every field, so an override made in code (tests, bench) reaches the worker too, except
+        # the API keys: a worker authenticates no one, and a secret it lacks cannot leak from it.
+        return {f"KILN_{f.name.upper()}": str(getattr(self, f.name))
+                for f in fields(self) if f.name != "api_keys"}

@@ -4,11 +4,13 @@ Eviction is by expected rebuild cost, not recency: an engine that took long to b
 used often is worth its bytes; a large engine built quickly and seldom used is not. Pinned
 engines are never evicted, nor an engine used in the last ``grace_s`` (a download may be
 reading it). Blobs no row points to are collected only when older than the grace period, so an
-upload or a build whose row is not committed yet is never collected.
+upload or a build whose row is not committed yet is never collected. Collection goes a page of
+the store's listing at a time, so periodic housekeeping never lists the whole store at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +33,14 @@ class EvictionReport:
     bytes_after: int
 
 
-def enforce_budget(services: Services, budget_bytes: int, grace_s: int = 600) -> EvictionReport:
+def enforce_budget(services: Services, budget_bytes: int, grace_s: int | None = None
+                   ) -> EvictionReport:
+    """Evict the engines of least rebuild value until the store fits ``budget_bytes``.
+
+    An engine used within ``grace_s`` (default: the deployment's ``gc_grace_s``) is kept.
+    """
+    if grace_s is None:
+        grace_s = services.settings.gc_grace_s
     with services.db.session() as s:
         total = int(s.scalar(select(func.coalesce(func.sum(Engine.size), 0))) or 0)
         if budget_bytes <= 0 or total <= budget_bytes:
@@ -58,15 +67,47 @@ def enforce_budget(services: Services, budget_bytes: int, grace_s: int = 600) ->
     return EvictionReport(evicted, total, after)
 
 
-def collect_orphans(services: Services, grace_s: int) -> list[str]:
-    """Delete blobs older than ``grace_s`` that no model or engine row points to."""
+@dataclass
+class CollectedPage:
+    removed: list[str]
+    removed_bytes: int
+    next_cursor: str  # "" once the listing reached the end of the store
+
+
+def collect_orphans_page(services: Services, grace_s: int, start_after: str = "",
+                         limit: int = 1000, dry_run: bool = False) -> CollectedPage:
+    """Look at up to ``limit`` blobs after ``start_after``; delete old ones no row points to."""
+    page = list(itertools.islice(services.store.list(start_after=start_after), limit))
+    uris = [b.uri for b in page]
     with services.db.session() as s:
-        referenced = set(s.scalars(select(Engine.artifact_uri))) | set(
-            s.scalars(select(Model.blob_uri)))
+        referenced = set(s.scalars(select(Engine.artifact_uri).where(
+            Engine.artifact_uri.in_(uris)))) | set(s.scalars(select(Model.blob_uri).where(
+                Model.blob_uri.in_(uris))))
     now = time.time()
-    removed = []
-    for blob in services.store.list():
+    removed, removed_bytes = [], 0
+    for blob in page:
         if blob.uri not in referenced and now - blob.modified > grace_s:
-            services.store.delete(blob.uri)
+            if not dry_run:
+                services.store.delete(blob.uri)
             removed.append(blob.uri)
-    return removed
+            removed_bytes += blob.size
+    next_cursor = uris[-1] if len(page) == limit else ""
+    return CollectedPage(removed, removed_bytes, next_cursor)
+
+
+def collect_orphans(services: Services, grace_s: int, page_size: int = 1000,
+                    dry_run: bool = False) -> list[str]:
+    """Delete blobs older than ``grace_s`` that no model or engine row points to (whole store)."""
+    removed: list[str] = []
+    cursor = ""
+    while True:
+        page = collect_orphans_page(services, grace_s, cursor, page_size, dry_run)
+        removed += page.removed
+        if not page.next_cursor:
+            return removed
+        cursor = page.next_cursor
+
+
+def find_orphans(services: Services, grace_s: int) -> list[str]:
+    """What :func:`collect_orphans` would delete, deleting nothing."""
+    return collect_orphans(services, grace_s, dry_run=True)

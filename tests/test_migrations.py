@@ -10,7 +10,8 @@ from sqlalchemy import create_engine, inspect
 from service.db import Database, check_schema, upgrade
 from service.errors import KilnError
 
-TABLES = {"models", "jobs", "engines", "workers", "alembic_version"}
+TABLES = {"models", "jobs", "engines", "workers", "submissions", "housekeeping",
+          "alembic_version"}
 
 
 def _check(url: str) -> None:

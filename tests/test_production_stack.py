@@ -1,5 +1,6 @@
-"""Kiln on its production servers: PostgreSQL for the database, Redis as the broker, a real
-worker process that builds ONNX engines only, and jobs routed by target."""
+"""Kiln on its production servers: PostgreSQL for the database, Redis as the broker, an S3
+artifact store (moto's server mode), a real worker process that builds ONNX engines only, and
+jobs routed by target."""
 
 from __future__ import annotations
 
@@ -15,19 +16,24 @@ import redis
 import requests
 import torch
 
+from service.artifacts import S3ArtifactStore
 from service.client import KilnAPIError
 from tests.conftest import ROOT, make_settings, running_kiln
+from tests.test_s3_store import BUCKET, s3_endpoint  # noqa: F401  (the S3 server fixture)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str, redis_url: str):
+def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str, redis_url: str,
+          s3_endpoint: str):  # noqa: F811
     from tests import servers
 
     base = tmp_path_factory.mktemp("prod")
     broker = redis_url.rsplit("/", 1)[0] + "/14"
     redis.Redis.from_url(broker).flushdb()
     with servers.fresh_database(postgres_server) as db_url:
-        settings = make_settings(base / "kiln", database_url=db_url, broker_url=broker)
+        # The worker inherits the S3 endpoint and credentials from this process' environment.
+        settings = make_settings(base / "kiln", database_url=db_url, broker_url=broker,
+                                 artifact_uri=f"s3://{BUCKET}/production-stack")
         with running_kiln(settings, base, "--backends", "onnx") as kiln:
             yield kiln
 
@@ -44,6 +50,10 @@ def test_onnx_engine_built_over_redis_and_postgres(stack, programs: dict[str, Pa
     engine = kiln.wait(kiln.submit(model["id"], backend="onnx", inputs=profile), timeout_s=300)
     assert engine["validation"]["passed"] and engine["target"]["backend"] == "onnx"
     assert engine["toolchain"]["onnxruntime"] == onnxruntime.__version__
+    stored = {b.uri for b in S3ArtifactStore(stack.settings.artifact_uri).list()}
+    # The uploaded program and the engine the worker built, both in S3.
+    assert any(u.endswith(".onnx") and "/engines/" in u for u in stored), stored
+    assert len(stored) >= 2, stored
     path = kiln.download(engine["id"], tmp_path / "m.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     eager = torch.export.load(programs["two_inputs"]).module()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from service.app import create_app
+from service.logging_setup import configure as configure_logging
 from workers.celery_worker import run_worker
 
 
@@ -20,9 +20,10 @@ def main() -> None:
     if args.gpu is not None:
         # Set before anything can touch CUDA: the probe and build children inherit it.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(name)s %(message)s")
+    app = create_app()
+    configure_logging(app.extensions["kiln"].settings.log_format, args.loglevel)
     name = args.name or (f"gpu{args.gpu}" if args.gpu is not None else None)
-    run_worker(create_app(), name=name, backends=args.backends, loglevel=args.loglevel)
+    run_worker(app, name=name, backends=args.backends, loglevel=args.loglevel)
 
 
 if __name__ == "__main__":

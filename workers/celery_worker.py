@@ -3,8 +3,8 @@
 ``kiln worker`` calls :func:`run_worker`. It probes the host in a child process (toolchains
 and CUDA are never touched here), registers the targets it builds, consumes only their
 queues, and runs builds one at a time (the solo pool: the build itself runs in a child
-process, so this process only supervises). Two daemon threads keep the worker row fresh and
-sweep lost jobs; several workers sweeping at once is safe, every sweep update is conditional.
+process, so this process only supervises). Daemon threads keep the worker row fresh and run
+housekeeping (``service.housekeeping``: each task once per deployment, under a lease).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Any
 from celery import Celery, Task
 from flask import Flask
 
-from service import jobs, store_budget, worker_registry
-from service.celery_app import declare_queues, publish_build
+from service import housekeeping, worker_registry
+from service.celery_app import BUILD_TASK, declare_queues
+from service.logging_setup import job_context, outcome_level
 from service.services import Services
 
 log = logging.getLogger("kiln.worker")
@@ -35,8 +36,15 @@ def celery_init_app(app: Flask) -> Celery:
 
     class FlaskTask(Task):
         def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
+            if self.name != BUILD_TASK or not args:
+                with app.app_context():
+                    return self.run(*args, **kwargs)
+            job_id = str(args[0])
+            with app.app_context(), job_context(job_id):
+                outcome = self.run(*args, **kwargs)
+                # Celery calls every returned build "succeeded"; this line says what it was.
+                log.log(outcome_level(str(outcome)), "build of job %s: %s", job_id, outcome)
+                return outcome
 
     celery.Task = FlaskTask
     import workers.tasks  # noqa: F401  registers kiln.build
@@ -57,26 +65,6 @@ def _every(interval: float, stop: threading.Event, fn: Any) -> None:
             fn()
         except Exception:  # a database blip must not kill the thread; try again next round
             log.exception("periodic %s failed", getattr(fn, "__name__", fn))
-
-
-def sweep_once(services: Services) -> int:
-    with services.db.session() as s:
-        to_publish = [(j.id, j.queue) for j in jobs.sweep(s, services.settings.requeue_after_s)]
-    for job_id, queue in to_publish:
-        publish_build(services.celery, job_id, queue)
-    return len(to_publish)
-
-
-def housekeeping(services: Services) -> None:
-    """Sweep lost jobs, keep the store under budget, collect orphaned blobs."""
-    sweep_once(services)
-    settings = services.settings
-    if settings.store_budget_bytes:
-        report = store_budget.enforce_budget(services, settings.store_budget_bytes)
-        if report.evicted:
-            log.warning("evicted %d engines: %d -> %d bytes", len(report.evicted),
-                        report.bytes_before, report.bytes_after)
-    store_budget.collect_orphans(services, settings.gc_grace_s)
 
 
 def run_worker(app: Flask, name: str | None = None, backends: str = "",
@@ -105,13 +93,13 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     stop = threading.Event()
     interval = max(1.0, services.settings.worker_ttl_s / 3)
     threading.Thread(target=_every, args=(interval, stop, heartbeat), daemon=True).start()
-    threading.Thread(target=_every, args=(services.settings.sweep_interval_s, stop,
-                                          lambda: housekeeping(services)), daemon=True).start()
+    stop_housekeeping = housekeeping.start_thread(services, worker_id)
     try:
         celery.worker_main(["worker", "-P", "solo", "-c", "1", "-n", worker_id,
                             "-Q", ",".join(queues), "--without-gossip", "--without-mingle",
                             "--without-heartbeat", f"--loglevel={loglevel}"])
     finally:
         stop.set()
+        stop_housekeeping.set()
         with services.db.session() as s:
             worker_registry.forget(s, worker_id)
