@@ -24,6 +24,7 @@ from flask import Flask
 from service import jobs, store_budget, worker_registry
 from service.celery_app import declare_queues, publish_build
 from service.services import Services
+from workers.cxx_compiler import compiler_env
 
 log = logging.getLogger("kiln.worker")
 
@@ -84,6 +85,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     services: Services = app.extensions["kiln"]
     celery = celery_init_app(app)
     found = probe_host(backends)
+    os.environ.update(compiler_env(found["host"].get("aoti_cxx")))  # for the build children
     if not found["targets"]:
         raise SystemExit(f"this host can build nothing: {found['unavailable']}")
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"

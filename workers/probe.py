@@ -18,6 +18,7 @@ from service.engine_cache import Target, toolchain_id
 from service.worker_registry import queue_name
 from workers.backends import BACKEND_NAMES, get_backend
 from workers.backends.aoti import cpu_arch
+from workers.cxx_compiler import last_choice
 
 
 def cuda_arch() -> str:
@@ -50,7 +51,8 @@ def probe(backends: list[str]) -> dict[str, Any]:
             target = Target(name, device, arch, toolchain_id(versions))
             targets.append({**target.as_dict(), "toolchain": versions,
                             "queue": queue_name(target)})
-    return {"targets": targets, "unavailable": unavailable, "host": host_info()}
+    return {"targets": targets, "unavailable": unavailable,
+            "host": {**host_info(), "aoti_cxx": last_choice()}}
 
 
 if __name__ == "__main__":
