@@ -8,14 +8,17 @@ which is what made CPU-exported programs fail to build for CUDA (docs/gpu-runs.m
     python examples/export_minilm.py minilm.pt2
 """
 
+from __future__ import annotations
+
 import sys
 
 import torch
 
-MINILM_L6_CONFIG = {
+VOCAB = 30522
+MINILM_L6_CONFIG: dict[str, int] = {
     "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-    "intermediate_size": 1536, "vocab_size": 30522, "max_position_embeddings": 512,
-    "type_vocab_size": 2, "hidden_act": "gelu",
+    "intermediate_size": 1536, "vocab_size": VOCAB, "max_position_embeddings": 512,
+    "type_vocab_size": 2,
 }
 MAX_BATCH, MIN_SEQ, MAX_SEQ = 32, 8, 256
 
@@ -27,7 +30,8 @@ class Encoder(torch.nn.Module):
         super().__init__()
         from transformers import BertConfig, BertModel
 
-        self.bert = BertModel(BertConfig(**MINILM_L6_CONFIG), add_pooling_layer=False)
+        config = BertConfig(hidden_act="gelu", **MINILM_L6_CONFIG)  # type: ignore[arg-type]
+        self.bert = BertModel(config, add_pooling_layer=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -38,7 +42,7 @@ def export(path: str, seed: int = 0) -> torch.export.ExportedProgram:
     model = Encoder().eval()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=MIN_SEQ, max=MAX_SEQ)
-    ids = torch.randint(0, MINILM_L6_CONFIG["vocab_size"], (4, 64))
+    ids = torch.randint(0, VOCAB, (4, 64))
     mask = torch.ones(4, 64, dtype=torch.int64)
     with torch.no_grad():
         program = torch.export.export(

@@ -292,7 +292,7 @@ def direct_rtx_build(trt: Any, work: Path) -> dict[str, Any]:
                       dynamo=True)
     messages: list[str] = []
 
-    class Logger(trt.ILogger):  # type: ignore[misc, name-defined]
+    class Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
@@ -339,8 +339,10 @@ class GpuSampler:
                 out = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,"
                                       "used_memory", "--format=csv,noheader"],
                                      capture_output=True, text=True, timeout=10).stdout
+                # This script's own CUDA context (the TensorRT-RTX step) is not a build.
                 self.samples.append({"t": round(elapsed(), 1), "apps": [
-                    ln.strip() for ln in out.splitlines() if ln.strip()]})
+                    ln.strip() for ln in out.splitlines() if ln.strip()
+                    and ln.split(",")[1:2] != [f" {os.getpid()}"]]})
             except Exception:
                 pass
 
@@ -373,6 +375,7 @@ def two_worker_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, A
             rec["nvidia_smi"] = sampler.close()
             kiln.stop()
         rec["jobs"] = [{"model": r["model"], "gpu": r.get("gpu"), "build_s": r.get("build_s"),
+                        "compiler_cache": r.get("compiler_cache"),
                         "submit_to_engine_s": r.get("submit_to_engine_s"),
                         "error": r.get("error"), "message": r.get("message")} for r in rows]
         rec["uuids"] = sorted({(r.get("gpu") or {}).get("uuid") or "?" for r in rows})

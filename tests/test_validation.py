@@ -5,6 +5,7 @@ faster"). Real timed calls, no fake clock."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -82,7 +83,7 @@ def test_validate_and_time_reports_median_spread_and_flags_per_shape() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
     profile = [InputProfile("x", "float32", (1, 16), (4, 16), (8, 16))]
 
-    def runner(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def runner(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [model(*inputs)]
 
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ CUDA, and a toolchain that crashes on import takes only the probe down.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from typing import Any
@@ -52,7 +53,8 @@ def probe(backends: list[str]) -> dict[str, Any]:
             targets.append({**target.as_dict(), "toolchain": versions,
                             "queue": queue_name(target)})
     return {"targets": targets, "unavailable": unavailable,
-            "host": {**host_info(), "aoti_cxx": last_choice()}}
+            "host": {**host_info(), "aoti_cxx": last_choice(),
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
 
 
 if __name__ == "__main__":
