@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,27 +110,31 @@ def export_programs(work: Path, quick: bool) -> dict[str, tuple[Path, list[dict[
 class Kiln:
     """``kiln serve --no-worker`` plus the workers asked for, on one data dir."""
 
-    def __init__(self, data_dir: Path, port: int, gpus: list[int | None],
-                 cache_root: Path) -> None:
+    def __init__(self, data_dir: Path, gpus: list[int | None], cache_root: Path) -> None:
         self.env = {**os.environ, "KILN_DATA_DIR": str(data_dir), "KILN_BUILD_TIMEOUT_S": "600",
                     "KILN_MAX_ATTEMPTS": "1", "PYTHONUNBUFFERED": "1"}
         self.logs = data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self._spawn("serve", [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                              "--no-worker"], self.env)
-        self.client = KilnClient(self.url)
-        self._until(lambda: bool(self.client.health()), 120, "the API did not come up")
-        for gpu in gpus:
-            env = dict(self.env)
-            # Each worker its own compiler cache, so builds are cold alike (what a user pays
-            # on a first build) and a shared cache does not make the second worker look fast.
-            env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / f"inductor-{gpu}")
-            args = ["--gpu", str(gpu)] if gpu is not None else ["--name", "smoke"]
-            self._spawn(f"worker-{gpu}", [sys.executable, "-m", "workers", *args], env)
-        self._until(lambda: len(self.client.workers()) >= len(gpus), WORKER_WAIT_S,
-                    "the workers did not register")
+        try:
+            self._spawn("serve", [sys.executable, "-m", "service.cli", "serve", "--port",
+                                  str(port), "--no-worker"], self.env)
+            self.client = KilnClient(self.url)
+            self._until(lambda: bool(self.client.health()), 120, "the API did not come up")
+            for gpu in gpus:
+                env = dict(self.env)
+                # Each worker its own compiler cache, so builds are cold alike (what a user
+                # pays on a first build) and a shared cache does not make one worker fast.
+                env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root / f"inductor-{gpu}")
+                args = ["--gpu", str(gpu)] if gpu is not None else ["--name", "smoke"]
+                self._spawn(f"worker-{gpu}", [sys.executable, "-m", "workers", *args], env)
+            self._until(lambda: len(self.client.workers()) >= len(gpus), WORKER_WAIT_S,
+                        "the workers did not register")
+        except BaseException:
+            self.stop()  # never leave a server or worker behind for the next step to meet
+            raise
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log = open(self.logs / f"{name}.log", "wb")
@@ -163,6 +168,14 @@ class Kiln:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def build_one(kiln: Kiln, name: str, program: Path, profile: list[dict[str, Any]],
@@ -234,7 +247,7 @@ def one_worker_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, A
                     device: str) -> None:
     kiln = None
     with step("kiln one worker") as rec:
-        kiln = Kiln(work / "kiln1", 8765, [0 if device == "cuda" else None], work / "cache1")
+        kiln = Kiln(work / "kiln1", [0 if device == "cuda" else None], work / "cache1")
         workers = kiln.client.workers()
         rec["workers"] = [{"id": w["id"], "targets": [f"{t['backend']}/{t['device']}/{t['arch']}"
                                                       for t in w["targets"]],
@@ -266,7 +279,7 @@ def tensorrt_rtx_step(work: Path, programs: dict[str, tuple[Path, list[dict[str,
 
         rec["version"] = getattr(trt, "__version__", "?")
         if "tensorrt-rtx" in BACKEND_NAMES:
-            kiln = Kiln(work / "kiln-rtx", 8767, [0], work / "cache-rtx")
+            kiln = Kiln(work / "kiln-rtx", [0], work / "cache-rtx")
             try:
                 model = kiln.client.upload(programs["convnet"][0])
                 sub = kiln.client.submit(model["id"], backend="tensorrt-rtx", device="cuda",
@@ -364,7 +377,7 @@ def two_worker_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, A
     jobs = [(n, programs[n][0], prof) for n in ("convnet", "encoder") if n in programs
             for prof in (programs[n][1], shifted(programs[n][1]))]
     with step("two workers, four jobs") as rec:
-        kiln = Kiln(work / "kiln2", 8766, [0, 1], work / "cache2")
+        kiln = Kiln(work / "kiln2", [0, 1], work / "cache2")
         sampler = GpuSampler()
         try:
             t0 = time.perf_counter()
@@ -383,7 +396,7 @@ def two_worker_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, A
                if "error" not in r}
         rec["one_worker_estimate_s"] = round(sum(one.get(j[0]) or 0 for j in jobs), 1)
         if budget_s - elapsed() > 1.3 * rec["one_worker_estimate_s"] + 60:
-            kiln1 = Kiln(work / "kiln3", 8768, [0], work / "cache3")
+            kiln1 = Kiln(work / "kiln3", [0], work / "cache3")
             try:
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(len(jobs)) as pool:
@@ -458,6 +471,10 @@ def table() -> str:
     return "\n".join(lines + [""] + extra)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -469,6 +486,8 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-smoke-"))
     RESULTS["args"] = vars(args)
+    # `timeout` in gpu_smoke.sh sends SIGTERM: unwind, so the table and the JSON still come out.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         host_step(args.device)
         programs = export_programs(work, args.quick)
@@ -476,6 +495,9 @@ def main() -> None:
         if args.device == "cuda":
             tensorrt_rtx_step(work, programs)
             two_worker_step(work, programs, args.budget_s)
+    except KeyboardInterrupt:
+        RESULTS["errors"].append({"step": "run", "error": f"stopped at {elapsed():.0f} s "
+                                  "(time limit); the steps so far are reported"})
     finally:
         report = table()
         print("\n" + report, flush=True)
