@@ -91,9 +91,10 @@ def run_case(run: Run) -> None:
         counted = sum(raw["kiln"][c]["hits_counted"] for c in levels)
         run.add(Row(CASE, "PostgreSQL, all levels", "hits counted %", 100 * counted / hits,
                     goal="100% (correctness check)", met=counted == hits, unit="%",
-                    note=f"engine.hits grew by {counted} for {hits} cached submits recorded: "
-                    "the increment is a read-modify-write in Python (hits += 1), so concurrent "
-                    "hits overwrite each other" if counted != hits else ""))
+                    note=f"engine.hits grew by {counted} for {hits} cached submits recorded; "
+                    "the increment is one SQL UPDATE (hits = hits + 1), so a shortfall means "
+                    "hits were lost on the way (look at errors and batching)" if counted != hits
+                    else f"{counted} of {hits} cached submits counted"))
         if run.profile and py_spy_available() and _missed(run):
             raw["profile"] = _profile(run, kiln, body)
             note = profile_note(raw["profile"])

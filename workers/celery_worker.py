@@ -25,6 +25,7 @@ from service import housekeeping, worker_registry
 from service.celery_app import BUILD_TASK, declare_queues
 from service.logging_setup import job_context, outcome_level
 from service.services import Services
+from workers.cxx_compiler import compiler_env
 
 log = logging.getLogger("kiln.worker")
 
@@ -72,6 +73,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     services: Services = app.extensions["kiln"]
     celery = celery_init_app(app)
     found = probe_host(backends)
+    os.environ.update(compiler_env(found["host"].get("aoti_cxx")))  # for the build children
     if not found["targets"]:
         raise SystemExit(f"this host can build nothing: {found['unavailable']}")
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"

@@ -77,7 +77,7 @@ def run(workdir: Path) -> dict[str, Any]:
         return {"ok": False, "error": {"code": exc.code, "message": exc.message,
                                        "details": exc.details}, "timings": timings}
     if device == "cuda":
-        from torch.export.passes import move_to_device_pass
+        from workers.program_device import move_to_device_pass
 
         program = move_to_device_pass(program, "cuda")
     timings["load_s"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@ CUDA, and a toolchain that crashes on import takes only the probe down.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from typing import Any
@@ -18,6 +19,7 @@ from service.engine_cache import Target, toolchain_id
 from service.worker_registry import queue_name
 from workers.backends import BACKEND_NAMES, get_backend
 from workers.backends.aoti import cpu_arch
+from workers.cxx_compiler import last_choice
 
 
 def cuda_arch() -> str:
@@ -50,7 +52,9 @@ def probe(backends: list[str]) -> dict[str, Any]:
             target = Target(name, device, arch, toolchain_id(versions))
             targets.append({**target.as_dict(), "toolchain": versions,
                             "queue": queue_name(target)})
-    return {"targets": targets, "unavailable": unavailable, "host": host_info()}
+    return {"targets": targets, "unavailable": unavailable,
+            "host": {**host_info(), "aoti_cxx": last_choice(),
+                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def linked_libraries(shared_object: Path) -> list[str] | None:
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
 
 
-def check_cxx_runtime(package: Path, workdir: Path) -> dict[str, Any]:
+def check_cxx_runtime(package: Path, workdir: Path, compiler: str | None = None
+                      ) -> dict[str, Any]:
     """Refuse a package whose wrapper carries a static libstdc++ (it crashes when loaded)."""
     from service.errors import KilnError
 
@@ -72,7 +73,7 @@ def check_cxx_runtime(package: Path, workdir: Path) -> dict[str, Any]:
             needed = linked_libraries(target)
             report[Path(name).name] = needed
             if needed is not None and not any(n.startswith("libstdc++") for n in needed):
-                compiler = os.environ.get("KILN_AOTI_CXX") or os.environ.get("CXX") or "g++"
+                compiler = compiler or os.environ.get("CXX") or "g++"
                 raise KilnError(
                     "aoti_static_cxx_runtime",
                     f"the compiler ({compiler}) "
@@ -81,6 +82,24 @@ def check_cxx_runtime(package: Path, workdir: Path) -> dict[str, Any]:
                     "libstdc++ dynamically, e.g. /usr/bin/g++",
                     details={"library": name, "needed": needed})
     return report
+
+
+def _chosen_compiler() -> str | None:
+    from workers.cxx_compiler import choose
+
+    return choose()["compiler"]
+
+
+def gpu_identity() -> dict[str, Any]:
+    """The GPU this build ran on, as the build process saw it (issue 13: proves pinning)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    uuid = getattr(props, "uuid", None)
+    bus: list[int] = [getattr(props, k, -1) for k in
+                      ("pci_domain_id", "pci_bus_id", "pci_device_id")]
+    return {"name": props.name, "uuid": f"GPU-{uuid}" if uuid is not None else None,
+            "pci_bus_id": "{:08x}:{:02x}:{:02x}.0".format(*bus) if -1 not in bus else None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "visible_count": torch.cuda.device_count()}
 
 
 def bundle_with_weights(package: Path, program: torch.export.ExportedProgram,
@@ -108,13 +127,16 @@ class AotiBackend:
             import torch._inductor  # noqa: F401
         except Exception as exc:  # pragma: no cover - torch ships Inductor
             return f"torch._inductor does not import: {exc}"
-        return None
+        from workers.cxx_compiler import choose
+
+        choice = choose()
+        return None if choice["compiler"] else str(choice["reason"])
 
     def devices(self) -> list[str]:
         return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
     def toolchain(self, device: str) -> dict[str, str]:
-        versions = {"torch": torch.__version__}
+        versions: dict[str, str] = {"torch": str(torch.__version__)}
         if device == "cuda":
             versions["cuda"] = str(torch.version.cuda)
         return versions
@@ -130,12 +152,15 @@ class AotiBackend:
         configs: dict[str, Any] = {"max_autotune": bool(options.get("max_autotune", False))}
         if swappable:
             configs["aot_inductor.package_constants_in_so"] = False
+        # The worker chose the compiler at start and passes it as KILN_AOTI_CXX; a child
+        # started some other way asks the (cached) choice itself.
+        compiler = os.environ.get("KILN_AOTI_CXX") or _chosen_compiler()
+        if compiler:
+            configs["cpp.cxx"] = compiler
         log(f"aoti_compile_and_package(device={device}, inductor_configs={configs})")
-        if os.environ.get("KILN_AOTI_CXX"):
-            configs["cpp.cxx"] = os.environ["KILN_AOTI_CXX"]
         counters.clear()
         aoti_compile_and_package(program, package_path=str(out), inductor_configs=configs)
-        linked = check_cxx_runtime(out, workdir)
+        linked = check_cxx_runtime(out, workdir, compiler)
         if swappable:
             out = bundle_with_weights(out, program, workdir)
         hits = int(counters["inductor"].get("fxgraph_cache_hit", 0))
@@ -147,6 +172,8 @@ class AotiBackend:
             "fxgraph_cache": {"hits": hits, "misses": misses},
             "range_enforced_by_engine": False,
             "linked_libraries": linked,
+            "cxx": compiler,
+            **({"gpu": gpu_identity()} if device == "cuda" else {}),
         })
 
     def swap_weights(self, base: Path, program: torch.export.ExportedProgram, workdir: Path,
