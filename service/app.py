@@ -52,6 +52,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             s.execute(text("SELECT 1"))
         return jsonify({"status": "ok"})
 
+    @app.get("/")
+    def index() -> Response:
+        return jsonify({"service": "kiln", "api": "/api/v1", "docs": "/api/v1/docs",
+                        "targets": "/api/v1/targets", "dashboard": "/admin/",
+                        "health": "/healthz"})
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)

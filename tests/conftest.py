@@ -18,7 +18,7 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from service.app import create_app
-from service.client import KilnClient
+from kiln.client import KilnClient
 from service.db import upgrade
 from service.settings import Settings
 from tests import servers

@@ -422,7 +422,7 @@ class Kiln:
     """PostgreSQL database, own Redis, API in a thread, worker processes; torn down on exit."""
 
     def __init__(self, base: Path, timing: Timing, db_url: str, broker: RedisServer) -> None:
-        from service.client import KilnClient
+        from kiln.client import KilnClient
         from service.settings import Settings
 
         self.base = base
@@ -450,7 +450,7 @@ class Kiln:
         from werkzeug.serving import make_server
 
         from service.app import create_app
-        from service.client import KilnClient
+        from kiln.client import KilnClient
 
         app = create_app(self.settings)
         self._server = make_server("127.0.0.1", 0, app, threaded=True)

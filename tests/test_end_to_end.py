@@ -13,7 +13,7 @@ import pytest
 import requests
 import torch
 
-from service.client import KilnAPIError
+from kiln.client import KilnAPIError
 from tests.conftest import ROOT, LiveKiln
 
 PROFILE = [{"name": "x", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}]

@@ -15,7 +15,7 @@ import redis
 import requests
 import torch
 
-from service.client import KilnAPIError
+from kiln.client import KilnAPIError
 from tests.conftest import ROOT, make_settings, running_kiln
 
 
