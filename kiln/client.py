@@ -142,7 +142,7 @@ class KilnClient:
         Returns (record, uploaded).
         """
         found = self.find_model(model_hash=model_hash) if model_hash else None
-        found = found or self.find_model(sha256=file_sha256(path))
+        found = found or self.find_model(sha256=file_sha256(Path(path)))
         if found is not None:
             return found, False
         return self.upload(path, progress=progress), True
@@ -181,7 +181,8 @@ class KilnClient:
                                      params={"log": "1" if log else "0"}, stream=True,
                                      timeout=(self.timeout, 120))
                 with resp:
-                    for event in _parse_sse(resp.iter_lines(decode_unicode=True)):
+                    for event in _parse_sse(str(line) for line in
+                                            resp.iter_lines(decode_unicode=True)):
                         last = event.get("id") or last
                         yield event
                         if event["event"] == "end":

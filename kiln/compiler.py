@@ -270,8 +270,8 @@ def compile(module_or_program: Any, inputs: Sequence[Input] | None = None,
 
     engine = client.wait(submitted, on_update=update, timeout_s=timeout_s)
     suffix = engine["build_report"].get("artifact_suffix") or SUFFIXES.get(backend, ".bin")
-    path = cache.cached_engine(engine["sha256"], suffix)
-    if path is None:
+    found = cache.cached_engine(engine["sha256"], suffix)
+    if found is None:
         path = cache.engine_path(engine["sha256"], suffix)
         path.parent.mkdir(parents=True, exist_ok=True)
         _say(progress, f"downloading engine {engine['id']} ({engine['size']} bytes)")
@@ -279,7 +279,7 @@ def compile(module_or_program: Any, inputs: Sequence[Input] | None = None,
                         expected_size=engine["size"])
         write_sidecar(path, metadata_from_record(engine, record))
     else:
-        stats.engine_from_local_cache = True
+        path, stats.engine_from_local_cache = found, True
     loaded = load(path, verify=False)  # just verified: by the download, or by the cache
     stats.bytes_uploaded, stats.bytes_downloaded = client.bytes_uploaded, client.bytes_downloaded
     stats.seconds = time.perf_counter() - t0
