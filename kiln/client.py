@@ -215,18 +215,20 @@ class KilnClient:
         if submitted.get("status") == "cached":
             return submitted["engine"]
         job_id, deadline = submitted["id"], time.monotonic() + timeout_s
+        followed = False  # True once the events stream reported the end
         try:
             for event in self.events(job_id):
                 if event["event"] == "state" and on_update:
                     on_update(event["data"])
                 if event["event"] == "end" or time.monotonic() > deadline:
+                    followed = event["event"] == "end"
                     break
         except KilnAPIError as exc:
             if exc.status != 404 or exc.details.get("what") == "job":
                 raise  # only a server without the events route is polled instead
         while True:
             job = self.job(job_id)
-            if on_update:
+            if on_update and not followed:
                 on_update(job)
             if job["status"] == "succeeded":
                 return self.engine(job["engine_id"])

@@ -449,8 +449,8 @@ class Kiln:
     def start_api(self) -> None:
         from werkzeug.serving import make_server
 
-        from service.app import create_app
         from kiln.client import KilnClient
+        from service.app import create_app
 
         app = create_app(self.settings)
         self._server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -28,12 +29,12 @@ INPUT_ARG = "x:1x3x32x32,4x3x32x32,16x3x32x32"
 
 
 def kiln_cli(*args: str, server: str | None = None, timeout: float = 300,
-             **kw: Any) -> subprocess.CompletedProcess[str]:
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "service.cli", *args]
     if server:
         cmd += ["--server", server]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, **kw)
+                          env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)})
 
 
 def as_json(*args: str, server: str) -> Any:
@@ -105,8 +106,10 @@ def test_errors_are_one_line_per_problem(live: LiveKiln, compiled_module: dict[s
                    server=live.url)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
-    assert lines[0].startswith("error: invalid_profile: ")
-    assert any("out_of_range" in line for line in lines[1:])
+    first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+    assert lines[first].startswith("error: invalid_profile: ")
+    assert lines[first + 1:] and all(line.startswith("  - ") for line in lines[first + 1:])
+    assert any("out_of_range" in line for line in lines[first + 1:])
     assert not any(line.lstrip().startswith("{") for line in lines)
     down = kiln_cli("models", "list", server="http://127.0.0.1:9")
     assert down.returncode == 1 and down.stderr.startswith(
@@ -121,8 +124,7 @@ def test_server_escape_codes_are_stripped() -> None:
 
 def test_backend_choices_and_options_in_help_and_errors(live: LiveKiln,
                                                         program_file: Path) -> None:
-    env = {**os.environ, "KILN_SERVER": live.url}
-    help_text = kiln_cli("compile", "--help", env=env).stdout
+    help_text = kiln_cli("compile", "--help", env={"KILN_SERVER": live.url}).stdout
     assert "aoti (devices: cpu, cuda)" in help_text and "onnx (devices" in help_text
     assert "max_autotune (boolean, default false)" in help_text
     assert "opset (integer, default 18)" in help_text
@@ -168,7 +170,7 @@ def _start_compile(program_file: Path, server: str, *extra: str,
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        found = re.search(r"job (job_\w+) queued", line)
+        found = re.search(r"job (job_\w+) (queued|joined)", line)
         if found:
             return proc, found.group(1)
     proc.kill()
@@ -190,3 +192,29 @@ def test_ctrl_c_without_a_terminal_says_the_job_keeps_running(
     finally:
         cancelled = as_json("cancel", job_id, server=live.url)
         assert cancelled["status"] == "cancelled"
+
+
+def test_ctrl_c_at_a_terminal_asks_and_cancels(live: LiveKiln, compiled_module: dict[str, Any],
+                                               program_file: Path) -> None:
+    primary, secondary = pty.openpty()
+    proc, job_id = _start_compile(program_file, live.url, "--option", "max_autotune=true",
+                                  stdin=secondary)
+    try:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        prompt = ""
+        deadline = time.monotonic() + 30
+        while "cancel job" not in prompt and time.monotonic() < deadline:
+            prompt += proc.stderr.read(1)
+        assert f"cancel job {job_id} on the server?" in prompt
+        os.write(primary, b"y\n")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and f"job {job_id} cancelled" in err
+        assert requests.get(f"{live.url}/api/v1/jobs/{job_id}", timeout=30).json()[
+            "status"] == "cancelled"
+    finally:
+        os.close(primary)
+        os.close(secondary)
+        if proc.poll() is None:
+            proc.kill()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import torch
 
 import kiln
@@ -235,3 +239,54 @@ def test_load_onnx_engine(live: LiveKiln, programs: dict[str, Path], tmp_path: P
     torch.testing.assert_close(engine(x), eager(x), rtol=1e-3, atol=1e-3)
     with pytest.raises(ProfileError, match="dim 0 of input 'x' is 9, outside the engine's range"):
         engine(torch.randn(9, 3, 32, 32))
+
+
+class _CuttingProxy(ThreadingHTTPServer):
+    """Relays to Kiln, but the first engine download stops half-way (connection closed)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream, self.cuts, self.ranges = upstream, 0, []
+        super().__init__(("127.0.0.1", 0), _CuttingHandler)
+
+
+class _CuttingHandler(BaseHTTPRequestHandler):
+    server: _CuttingProxy
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("range", "if-range")}
+        self.server.ranges.append(headers.get("Range"))
+        up = requests.get(self.server.upstream + self.path, headers=headers, timeout=60)
+        body = up.content
+        self.send_response(up.status_code)
+        for k, v in up.headers.items():
+            if k.lower() not in ("transfer-encoding", "connection", "content-encoding"):
+                self.send_header(k, v)
+        self.end_headers()
+        if "/artifact" in self.path and self.server.cuts == 0:
+            self.server.cuts += 1
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+def test_download_cut_mid_stream_resumes_where_it_stopped(
+        live: LiveKiln, compiled_module: dict[str, Any], tmp_path: Path) -> None:
+    record = compiled_module["engine"].record
+    whole = compiled_module["engine"].path.read_bytes()
+    proxy = _CuttingProxy(live.url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        client = kiln.Client(f"http://127.0.0.1:{proxy.server_port}")
+        dest = client.download(record["id"], tmp_path / "engine.pt2",
+                               expected_sha256=record["sha256"], expected_size=record["size"])
+    finally:
+        proxy.shutdown()
+    assert dest.read_bytes() == whole
+    assert proxy.cuts == 1 and proxy.ranges == [None, f"bytes={len(whole) // 2}-"]
+    assert client.bytes_downloaded == len(whole)  # half, then the other half: nothing twice
