@@ -464,3 +464,11 @@ COMMANDS = [compile, models, jobs, engines, workers, targets, logs, cancel]
 def add_commands(group: click.Group) -> None:
     for command in COMMANDS:
         group.add_command(command)
+
+
+@click.group(commands=COMMANDS)
+@click.version_option(package_name="kiln", prog_name="kiln")
+def main() -> None:
+    """Kiln client: compile PyTorch programs on a Kiln server, inspect jobs, engines, workers.
+
+    (A client-only entry point; ``service.cli:main`` adds the server commands to these.)"""

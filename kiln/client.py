@@ -270,7 +270,8 @@ class KilnClient:
                 with resp, open(part, "ab" if resp.status_code == 206 else "wb") as f:
                     if progress and resp.status_code == 206:
                         progress(have)
-                    for chunk in resp.iter_content(1 << 20):
+                    # Small reads: a connection that drops loses at most one read's bytes.
+                    for chunk in resp.iter_content(1 << 16):
                         f.write(chunk)
                         self.bytes_downloaded += len(chunk)
                         if progress:

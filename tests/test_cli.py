@@ -55,6 +55,9 @@ def program_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_version() -> None:
     out = kiln_cli("--version")
     assert out.returncode == 0 and re.fullmatch(r"kiln, version \S+\n", out.stdout)
+    client_only = subprocess.run([sys.executable, "-m", "kiln", "--version"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+    assert client_only.stdout == out.stdout
 
 
 def test_list_and_show_commands_with_json(live: LiveKiln, compiled_module: dict[str, Any]
@@ -205,7 +208,7 @@ def test_ctrl_c_at_a_terminal_asks_and_cancels(live: LiveKiln, compiled_module: 
         assert proc.stderr is not None
         prompt = ""
         deadline = time.monotonic() + 30
-        while "cancel job" not in prompt and time.monotonic() < deadline:
+        while "on the server?" not in prompt and time.monotonic() < deadline:
             prompt += proc.stderr.read(1)
         assert f"cancel job {job_id} on the server?" in prompt
         os.write(primary, b"y\n")
@@ -218,3 +221,18 @@ def test_ctrl_c_at_a_terminal_asks_and_cancels(live: LiveKiln, compiled_module: 
         os.close(secondary)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_engines_download_writes_a_loadable_engine_once(live: LiveKiln,
+                                                        compiled_module: dict[str, Any],
+                                                        tmp_path: Path) -> None:
+    record = compiled_module["engine"].record
+    out = tmp_path / "e.pt2"
+    first = as_json("engines", "download", record["id"], "-o", str(out), server=live.url)
+    assert first["downloaded"] and out.read_bytes() == compiled_module["engine"].path.read_bytes()
+    again = as_json("engines", "download", record["id"], "-o", str(out), server=live.url)
+    assert not again["downloaded"]
+    import kiln
+
+    with pytest.raises(kiln.ProfileError, match="dim 0 of input 'x' is 20"):
+        kiln.load(out)(torch.randn(20, 3, 32, 32))

@@ -221,9 +221,13 @@ def test_load_enforces_the_profile_stored_with_the_file(compiled_module: dict[st
         read_metadata(copy)
 
 
-def test_load_onnx_engine(live: LiveKiln, programs: dict[str, Path], tmp_path: Path) -> None:
+def test_load_onnx_engine(live: LiveKiln, tmp_path: Path) -> None:
+    from export_convnet import export
+
+    program = tmp_path / "convnet3.pt2"
+    export(str(program), seed=3)  # its own model: other tests count the jobs of theirs
     client = kiln.Client(live.url)
-    model, _ = client.upload_once(programs["convnet"])
+    model, _ = client.upload_once(program)
     profile = [{"name": "x", "min": [1, 3, 32, 32], "opt": [2, 3, 32, 32],
                 "max": [8, 3, 32, 32]}]
     record = client.wait(client.submit(model["id"], backend="onnx", inputs=profile),
@@ -234,7 +238,7 @@ def test_load_onnx_engine(live: LiveKiln, programs: dict[str, Path], tmp_path: P
     _fetch(client, record, model, path)
     engine = kiln.load(path)
     assert engine.kind == "onnx"
-    eager = torch.export.load(programs["convnet"]).module()
+    eager = torch.export.load(program).module()
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(engine(x), eager(x), rtol=1e-3, atol=1e-3)
     with pytest.raises(ProfileError, match="dim 0 of input 'x' is 9, outside the engine's range"):
@@ -288,5 +292,7 @@ def test_download_cut_mid_stream_resumes_where_it_stopped(
     finally:
         proxy.shutdown()
     assert dest.read_bytes() == whole
-    assert proxy.cuts == 1 and proxy.ranges == [None, f"bytes={len(whole) // 2}-"]
-    assert client.bytes_downloaded == len(whole)  # half, then the other half: nothing twice
+    assert proxy.cuts == 1 and proxy.ranges[0] is None and len(proxy.ranges) == 2
+    start = int(proxy.ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= len(whole) // 2  # resumed from what it had kept, not from zero
+    assert client.bytes_downloaded == len(whole)  # no byte fetched twice
