@@ -29,7 +29,7 @@ from bench.common import (
     tail,
     throwaway_database,
 )
-from service.client import KilnClient
+from kiln.client import KilnClient
 from service.db import Database, upgrade
 from service.engine_cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.models import Engine, Model, Worker, utcnow

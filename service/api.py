@@ -9,7 +9,7 @@ from spectree import Response as Resp
 from spectree import SpecTree
 from sqlalchemy import func, select
 
-from service import engine_cache, jobs, uploads
+from service import engine_cache, job_events, jobs, uploads
 from service.auth import caller, require_admin
 from service.downloads import artifact_response
 from service.errors import KilnError, NotFound
@@ -82,6 +82,10 @@ def list_models() -> Response:
         q = select(Model).order_by(Model.created_at.desc()).limit(500)
         if caller().scope:
             q = q.where(Model.owner == caller().scope)
+        # Clients hash locally and skip the upload when the caller already has these bytes.
+        for field in ("sha256", "model_hash"):
+            if request.args.get(field):
+                q = q.where(getattr(Model, field) == request.args[field])
         return jsonify({"models": [model_json(m) for m in s.scalars(q)]})
 
 
@@ -132,6 +136,18 @@ def get_job_log(job_id: str) -> Response:
     with services().db.session() as s:
         job = jobs.get_job(s, job_id, caller().scope)
         return Response(job.log, mimetype="text/plain")
+
+
+# Not wrapped by spectree: its response check would read the whole (endless) stream.
+@api.get("/jobs/<job_id>/events")
+def job_events_stream(job_id: str) -> Response:
+    """The job's state changes (and log lines with ?log=1) as Server-Sent Events."""
+    with services().db.session() as s:
+        jobs.get_job(s, job_id, caller().scope)
+    frames = job_events.stream(services().db, job_id, request.headers.get("Last-Event-ID"),
+                               request.args.get("log", "0") not in ("0", "false", ""))
+    return Response(frames, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @api.delete("/jobs/<job_id>")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, redirect, request
+from flask.typing import ResponseReturnValue
 from prometheus_client import Counter, Histogram
 from sqlalchemy import text
 
@@ -54,6 +55,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify({"status": "ok"})
 
     kiln_metrics.init_app(app)
+
+    @app.get("/")
+    def index() -> ResponseReturnValue:
+        # A browser goes to the dashboard; anything else gets a short map of the service.
+        if request.accept_mimetypes.accept_html and not request.accept_mimetypes.accept_json:
+            return redirect("/admin/")
+        return jsonify({"service": "kiln", "api": "/api/v1", "docs": "/api/v1/docs",
+                        "targets": "/api/v1/targets", "dashboard": "/admin/",
+                        "health": "/healthz"})
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -1,4 +1,5 @@
-"""The ``kiln`` command line: run the service, and compile models against a running one."""
+"""The ``kiln`` command line: the server commands (serve, worker, db) live here; the user's
+commands (compile, models, jobs, engines, workers, logs, cancel) come from ``kiln.cli``."""
 
 from __future__ import annotations
 
@@ -8,18 +9,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from service.client import KilnAPIError, KilnClient, parse_input
+from kiln import __version__
+from kiln.cli import add_commands
 from service.settings import Settings
-
-DEFAULT_SERVER = os.environ.get("KILN_SERVER", "http://127.0.0.1:8000")
 
 
 @click.group()
+@click.version_option(__version__, prog_name="kiln")
 def main() -> None:
     """Kiln: compile torch.export programs into engines, and reuse them."""
 
@@ -182,88 +181,7 @@ def gc(dry_run: bool) -> None:
     click.echo(f"collected {len(removed)} orphaned blob(s) older than {settings.gc_grace_s} s")
 
 
-def _option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with a JSON value (``5``, ``true``), or a plain string."""
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--option {text!r}: write KEY=VALUE, e.g. optimization_level=5")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
-def _bar(desc: str, total: int) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                leave=True, file=sys.stderr)
-
-
-@main.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.option("--input", "inputs", multiple=True, metavar="NAME:MIN,OPT,MAX",
-              help="shape profile of one input, shapes like 1x3x224x224 (repeat per input); "
-                   "default: the program's own ranges")
-@click.option("--backend", default="aoti", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="backend option, e.g. optimization_level=5 (JSON values)")
-@click.option("--reuse", default="covering", show_default=True,
-              type=click.Choice(["exact", "covering", "never"]))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="where to save the engine")
-@click.option("--server", default=DEFAULT_SERVER, show_default=True)
-def compile(model: str, inputs: tuple[str, ...], backend: str, device: str,
-            options: tuple[str, ...], reuse: str, output: str | None, server: str) -> None:
-    """Upload MODEL (.pt2), build or reuse an engine, and download it."""
-    import json
-
-    kiln = KilnClient(server)
-    try:
-        profile = [parse_input(i) for i in inputs] or None
-        opts = dict(_option(o) for o in options)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    try:
-        with _bar("upload", Path(model).stat().st_size) as bar:
-            record = kiln.upload(model, progress=bar.update)
-        click.echo(f"model {record['id']} ({record['model_hash'][:12]})", err=True)
-        t0 = time.monotonic()
-        submitted = kiln.submit(record["id"], backend=backend, device=device, inputs=profile,
-                                options=opts, reuse=reuse)
-        cached = submitted["status"] == "cached"
-        if cached:
-            click.echo(f"cache hit: engine {submitted['engine_id']} ({submitted['reason']})",
-                       err=True)
-        else:
-            click.echo(f"job {submitted['id']} {submitted['submit']}: {submitted['reason']}",
-                       err=True)
-        last = {"status": ""}
-
-        def show(job: dict) -> None:
-            if job["status"] != last["status"]:
-                last["status"] = job["status"]
-                click.echo(f"  [{time.monotonic() - t0:6.1f}s] {job['status']}", err=True)
-
-        engine = kiln.wait(submitted, on_update=show)
-        suffix = engine["build_report"].get("artifact_suffix", ".bin")
-        dest = Path(output or f"{Path(model).stem}.{engine['target']['backend']}"
-                    f".{engine['target']['device']}{suffix}")
-        with _bar("download", engine["size"]) as bar:
-            kiln.download(engine["id"], dest, progress=bar.update,
-                          expected_sha256=engine["sha256"])
-    except KilnAPIError as exc:
-        detail = f"\n  details: {json.dumps(exc.details)[:2000]}" if exc.details else ""
-        raise click.ClickException(f"{exc.code}: {exc.message}{detail}") from exc
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach Kiln at {server}: {exc}") from exc
-    bench = engine.get("benchmark", {}).get("shapes", {})
-    for label, b in bench.items():
-        click.echo(f"  {label:>4} {b['shapes']}: engine {b['engine_ms']:.3f} ms, "
-                   f"eager {b['eager_ms']:.3f} ms", err=True)
-    click.echo(f"engine {engine['id']} sha256 {engine['sha256']}")
-    click.echo(f"saved to {dest}")
-    click.echo(f"from cache: {'yes' if cached else 'no'}")
+add_commands(main)
 
 
 if __name__ == "__main__":

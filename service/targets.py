@@ -22,8 +22,7 @@ class AotiOptions(_Options):
     swappable_weights: bool = Field(
         False, description="Keep the weights outside the compiled code: the artifact is a zip "
         "of the package and its weights, and a model with the same architecture but other "
-        "weights reuses the compiled code without a build. Load with "
-        "service.engine_loader.load_engine.")
+        "weights reuses the compiled code without a build. Load with kiln.load.")
 
 
 class OnnxOptions(_Options):

@@ -17,8 +17,8 @@ import torch
 from flask import Flask
 from werkzeug.serving import make_server
 
+from kiln.client import KilnClient
 from service.app import create_app
-from service.client import KilnClient
 from service.db import upgrade
 from service.settings import Settings
 from tests import servers

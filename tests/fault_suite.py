@@ -422,7 +422,7 @@ class Kiln:
     """PostgreSQL database, own Redis, API in a thread, worker processes; torn down on exit."""
 
     def __init__(self, base: Path, timing: Timing, db_url: str, broker: RedisServer) -> None:
-        from service.client import KilnClient
+        from kiln.client import KilnClient
         from service.settings import Settings
 
         self.base = base
@@ -449,8 +449,8 @@ class Kiln:
     def start_api(self) -> None:
         from werkzeug.serving import make_server
 
+        from kiln.client import KilnClient
         from service.app import create_app
-        from service.client import KilnClient
 
         app = create_app(self.settings)
         self._server = make_server("127.0.0.1", 0, app, threaded=True)

@@ -13,7 +13,9 @@ import pytest
 import requests
 import torch
 
-from service.client import KilnAPIError
+import kiln
+from kiln.client import KilnAPIError
+from kiln.engine_format import metadata_from_record, write_sidecar
 from tests.conftest import ROOT, LiveKiln
 
 PROFILE = [{"name": "x", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}]
@@ -68,11 +70,15 @@ def test_downloaded_engine_loads_and_matches_eager(live: LiveKiln, convnet_build
     engine = convnet_build["engine"]
     path = live.client.download(engine["id"], tmp_path / "engine.pt2")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == engine["sha256"]
-    compiled = torch._inductor.aoti_load_package(str(path))
+    write_sidecar(path, metadata_from_record(engine, convnet_build["model"]))
+    compiled = kiln.load(path)  # the documented way: the profile travels with the file
     eager = torch.export.load(programs["convnet"]).module()
     for batch in (1, 5, 16):
         x = torch.randn(batch, 3, 32, 32)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-3, atol=1e-3)
+    for batch in (0, 17, 64):  # the bare package would run these without a word
+        with pytest.raises(kiln.ProfileError, match=f"dim 0 of input 'x' is {batch}"):
+            compiled(torch.randn(batch, 3, 32, 32))
 
 
 def test_second_identical_submit_is_a_cache_hit(live: LiveKiln, convnet_build: dict) -> None:
@@ -133,7 +139,8 @@ def test_cli_compile_reuses_the_cached_engine(live: LiveKiln, convnet_build: dic
     assert result.returncode == 0, result.stderr
     assert "from cache: yes" in result.stdout
     assert hashlib.sha256(out.read_bytes()).hexdigest() == convnet_build["engine"]["sha256"]
-    assert "upload" in result.stderr and "download" in result.stderr  # progress bars
+    assert "already on the server, not uploaded" in result.stderr
+    assert kiln.load(out).profile[0]["max"] == [16, 3, 32, 32]  # sidecar written beside -o
 
 
 def test_cli_reports_bad_profile_clearly(live: LiveKiln, programs: dict[str, Path]) -> None:

@@ -16,8 +16,8 @@ import redis
 import requests
 import torch
 
+from kiln.client import KilnAPIError
 from service.artifacts import S3ArtifactStore
-from service.client import KilnAPIError
 from tests.conftest import ROOT, make_settings, running_kiln
 from tests.test_s3_store import BUCKET, s3_endpoint  # noqa: F401  (the S3 server fixture)
 

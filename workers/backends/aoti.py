@@ -105,7 +105,7 @@ def gpu_identity() -> dict[str, Any]:
 def bundle_with_weights(package: Path, program: torch.export.ExportedProgram,
                         workdir: Path) -> Path:
     """Zip a constants-free package with the program's weights (Kiln's swappable format)."""
-    from service.engine_loader import SWAPPABLE_FORMAT
+    from kiln.engine_format import SWAPPABLE_FORMAT
 
     weights = {k: v.detach().contiguous() for k, v in
                {**program.state_dict, **program.constants}.items() if isinstance(v, torch.Tensor)}
@@ -187,9 +187,9 @@ class AotiBackend:
                            {"weight_swap": True, "range_enforced_by_engine": False})
 
     def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
-        from service.engine_loader import load_engine
+        from kiln.loader import load_aoti_package
 
-        compiled = load_engine(artifact)
+        compiled = load_aoti_package(artifact)
 
         def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             return list(tree_leaves(compiled(*inputs)))
