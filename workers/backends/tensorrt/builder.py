@@ -20,11 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import KilnError
 from workers.backends.base import InputProfile
 from workers.backends.tensorrt.library import Library
+
+if TYPE_CHECKING:  # the API both libraries share; scripts/typecheck_tensorrt.sh checks it
+    import tensorrt_rtx as trt_api
 
 # Keyed by ``trt.DataType.name`` so the table needs no tensorrt import.
 TRT_TO_TORCH_DTYPE: dict[str, str] = {
@@ -66,6 +69,16 @@ class BuiltPlan:
     warnings: list[str] = field(default_factory=list)
 
 
+def dims(value: Any) -> list[int]:
+    """A ``trt.Dims`` as a list (it indexes, but does not declare itself iterable)."""
+    return [int(value[i]) for i in range(len(value))]
+
+
+def host_bytes(memory: Any) -> bytes:
+    """An ``IHostMemory`` (a buffer) as bytes."""
+    return bytes(memoryview(memory))
+
+
 def dtype_name(trt_dtype: Any) -> str:
     return TRT_TO_TORCH_DTYPE.get(trt_dtype.name, trt_dtype.name)
 
@@ -86,11 +99,12 @@ def make_logger(trt: ModuleType, log: Callable[[str], None], errors: list[str]) 
     return _Logger()
 
 
-def parse_onnx(trt: ModuleType, builder: Any, logger: Any, onnx_bytes: bytes) -> Any:
+def parse_onnx(trt: ModuleType, builder: trt_api.Builder, logger: trt_api.ILogger,
+               onnx_bytes: bytes) -> trt_api.INetworkDefinition:
     """A strongly typed network from ONNX bytes; a parse failure names the ONNX nodes."""
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser: trt_api.OnnxParser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         problems = []
         for i in range(parser.num_errors):
@@ -108,7 +122,7 @@ def parse_onnx(trt: ModuleType, builder: Any, logger: Any, onnx_bytes: bytes) ->
     return network
 
 
-def name_outputs(network: Any) -> None:
+def name_outputs(network: trt_api.INetworkDefinition) -> None:
     """Rename outputs ``output0..N-1``; give a repeated or passed-through output its own copy."""
     tensors = [network.get_output(i) for i in range(network.num_outputs)]
     for tensor in tensors:  # marked again below, in order: TensorRT appends marked outputs
@@ -133,7 +147,7 @@ def build_plan(
 ) -> BuiltPlan:
     errors: list[str] = []
     logger = make_logger(trt, log, errors)
-    builder = trt.Builder(logger)
+    builder: trt_api.Builder = trt.Builder(logger)
     network = parse_onnx(trt, builder, logger, onnx_bytes)
     name_outputs(network)
     config = builder.create_builder_config()
@@ -163,18 +177,19 @@ def build_plan(
     for tensor in network_inputs:
         lo, mid, hi = trt_profile.get_shape(tensor.name)
         inputs.append({"name": tensor.name, "dtype": dtype_name(tensor.dtype),
-                       "shape": list(tensor.shape),
-                       "profile": {"min": list(lo), "opt": list(mid), "max": list(hi)}})
-    outputs = [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+                       "shape": dims(tensor.shape),
+                       "profile": {"min": dims(lo), "opt": dims(mid), "max": dims(hi)}})
+    outputs = [{"name": t.name, "dtype": dtype_name(t.dtype), "shape": dims(t.shape)}
                for t in (network.get_output(i) for i in range(network.num_outputs))]
     cache = None
     if settings.use_timing_cache:
-        cache = bytes(memoryview(config.get_timing_cache().serialize()))
-    return BuiltPlan(plan=bytes(memoryview(plan)), inputs=inputs, outputs=outputs,
+        cache = host_bytes(config.get_timing_cache().serialize())
+    return BuiltPlan(plan=host_bytes(plan), inputs=inputs, outputs=outputs,
                      timing_cache=cache)
 
 
-def _configure(library: Library, trt: ModuleType, config: Any, s: BuildSettings) -> None:
+def _configure(library: Library, trt: ModuleType, config: trt_api.IBuilderConfig,
+               s: BuildSettings) -> None:
     if s.optimization_level is not None:
         config.builder_optimization_level = s.optimization_level
     if s.workspace_bytes is not None:

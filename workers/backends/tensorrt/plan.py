@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.backends.base import InputProfile
-from workers.backends.tensorrt.builder import OUTPUT_PREFIX, dtype_name
+from workers.backends.tensorrt.builder import OUTPUT_PREFIX, dims, dtype_name
 from workers.backends.tensorrt.library import Library
+
+if TYPE_CHECKING:  # the API both libraries share; scripts/typecheck_tensorrt.sh checks it
+    import tensorrt_rtx as trt_api
 
 # EngineInvalidityDiagnostics bits (TensorRT-RTX), as users should read them.
 _INVALIDITY = {
@@ -73,9 +76,10 @@ def invalidity_reason(diagnostics: int) -> str:
     return ", ".join(reasons) or f"diagnostics {diagnostics}"
 
 
-def deserialize(library: Library, trt: ModuleType, plan: bytes) -> tuple[Any, Any]:
+def deserialize(library: Library, trt: ModuleType, plan: bytes
+                ) -> tuple[trt_api.Runtime, trt_api.ICudaEngine]:
     """(runtime, engine): the runtime must outlive the engine, so they travel together."""
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime: trt_api.Runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     # engine_host_code_allowed stays False: Kiln never builds plans that embed a lean runtime.
     if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX says why before it tries
         validity, diagnostics = runtime.get_engine_validity(plan)
@@ -90,11 +94,7 @@ def deserialize(library: Library, trt: ModuleType, plan: bytes) -> tuple[Any, An
     return runtime, engine
 
 
-def _dims(dims: Any) -> list[int]:
-    return [int(dims[i]) for i in range(len(dims))]
-
-
-def describe_engine(trt: ModuleType, engine: Any) -> dict[str, Any]:
+def describe_engine(trt: ModuleType, engine: trt_api.ICudaEngine) -> dict[str, Any]:
     """What a deserialized plan says about itself: I/O names, dtypes, shapes, profile 0."""
     info: dict[str, Any] = {
         "num_optimization_profiles": engine.num_optimization_profiles,
@@ -104,14 +104,14 @@ def describe_engine(trt: ModuleType, engine: Any) -> dict[str, Any]:
     }
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
-        shape = _dims(engine.get_tensor_shape(name))
+        shape = dims(engine.get_tensor_shape(name))
         entry: dict[str, Any] = {"name": name, "dtype": dtype_name(engine.get_tensor_dtype(name)),
                                  "shape": shape}
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             entry["profile"] = None
             if -1 in shape:
                 lo, mid, hi = engine.get_tensor_profile_shape(name, 0)
-                entry["profile"] = {"min": _dims(lo), "opt": _dims(mid), "max": _dims(hi)}
+                entry["profile"] = {"min": dims(lo), "opt": dims(mid), "max": dims(hi)}
             entry["shape_tensor"] = engine.is_shape_inference_io(name)
             info["inputs"].append(entry)
         else:
@@ -189,7 +189,7 @@ class EngineRunner:
         context = self.engine.create_execution_context()
         if context is None:  # TensorRT's answer when it cannot allocate the context
             raise RuntimeError("TensorRT could not create an execution context (GPU memory?)")
-        self.context = context
+        self.context: trt_api.IExecutionContext = context
         self.stream = torch.cuda.Stream()
 
     def _bind(self, name: str, tensor: torch.Tensor, placeholders: list[torch.Tensor]) -> None:
@@ -222,7 +222,7 @@ class EngineRunner:
             raise RuntimeError(f"TensorRT could not infer the shapes of {unresolved}")
         results: list[torch.Tensor | Any] = []
         for name, dtype, _ in self.outputs:
-            shape = _dims(context.get_tensor_shape(name))
+            shape = dims(context.get_tensor_shape(name))
             if any(d < 0 for d in shape):  # data-dependent: TensorRT allocates as it runs
                 allocator = _output_allocator(self.trt, dtype)
                 if not context.set_output_allocator(name, allocator):
