@@ -51,7 +51,12 @@ from workers.backends.tensorrt.library import (
     import_torch_tensorrt,
     version,
 )
-from workers.backends.tensorrt.plan import EngineRunner, check_against_request
+from workers.backends.tensorrt.plan import (
+    EngineRunner,
+    check_against_request,
+    describe_engine,
+    deserialize,
+)
 
 ENGINE_FORMAT = "engine"
 PROGRAM_FORMAT = "exported_program"
@@ -257,6 +262,18 @@ class TensorRTBackend(_PlanBackend):
             shared, cache, timing_cache.combiner(trt, log), log)
         report["toolchain"] = toolchain
         report["timing_cache"] = {"path": str(shared), "warm": warm is not None, "saved": saved}
+        # Standard TensorRT builds on the GPU that runs the plan: read the plan itself back.
+        _, engine = deserialize(self.library, trt, artifact.read_bytes())
+        info = describe_engine(trt, engine)
+        report["engine"] = info
+        problems = check_against_request(profile, info["inputs"], info["outputs"],
+                                         program_output_count(program))
+        if settings.hardware_compatible and info["hardware_compatibility_level"] != "AMPERE_PLUS":
+            problems.append(f"engine hardware compatibility is "
+                            f"{info['hardware_compatibility_level']}, asked AMPERE_PLUS")
+        if problems:
+            raise KilnError("engine_mismatch", "the built engine is not the one requested: "
+                            + "; ".join(problems), status=500, details={"problems": problems})
         return BuildResult(artifact=artifact, report=report)
 
     def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
