@@ -24,7 +24,7 @@ from service.errors import KilnError, NotFound
 from service.models import ACTIVE_STATES, TERMINAL_STATES, Engine, Job, Model, Submission, utcnow
 from service.profiles import resolve_profile
 from service.services import Services
-from service.targets import normalize_options
+from service.targets import check_dtypes, normalize_options
 
 log = logging.getLogger(__name__)
 LOG_LIMIT = 1_000_000  # characters of build log kept on a job
@@ -80,6 +80,7 @@ def submit(services: Services, owner: str, request: dict[str, Any]) -> SubmitRes
         model = get_model(session, request["model_id"], owner)
         options = normalize_options(backend, device, request.get("options") or {})
         profile = resolve_profile(model.signature["inputs"], request.get("inputs"))
+        check_dtypes(backend, profile)
         target, toolchains = _pick_target(session, services, backend, device,
                                           request.get("arch"), request.get("toolchain"))
         found = engine_cache.lookup(session, model.model_hash, backend, device,

@@ -1,226 +1,292 @@
-"""The TensorRT backend.
+"""The TensorRT backends: ``tensorrt`` (standard) and ``tensorrt-rtx`` on one builder.
 
-Two layers: pure decisions (profile translation, builder settings, cache key, timing-cache
-files, engine checks) that run everywhere; and real builds, marked ``tensorrt``, that run only
-where ``import tensorrt`` works and a CUDA GPU is present (design.md section 6: TensorRT cannot
-be installed on the development and CI machines).
+Three layers:
+- pure decisions (options, dtypes, profiles, checks, timing-cache files, capabilities) that run
+  everywhere;
+- real TensorRT-RTX builds, which run on this CPU-only machine (TensorRT-RTX builds plans ahead
+  of time without a GPU); they skip, with the reason, where ``tensorrt_rtx`` does not import;
+- running plans, and standard TensorRT, under the ``gpu`` / ``tensorrt`` markers: the same code,
+  skipped here with the reason (no GPU; standard TensorRT cannot be installed here).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.export import Dim
 
 from service.errors import KilnError
+from service.targets import BACKENDS, check_dtypes, normalize_options
+from workers.backends import BACKEND_NAMES, artifact_suffix, get_backend
 from workers.backends import tensorrt as trt_backend
-from workers.backends.base import InputProfile
-from workers.backends.tensorrt import TensorRTBackend
+from workers.backends.base import AheadOfTimeBuilder, InputProfile
+from workers.backends.tensorrt import timing_cache, torch_frontend
+from workers.backends.tensorrt.plan import check_against_request, invalidity_reason
 
-OPTIONS = {
-    "optimization_level": 3,
-    "workspace_mb": None,
-    "hardware_compatible": False,
-    "version_compatible": False,
-    "format": "engine",
-}
-H100 = {
-    "torch": "2.13.0",
-    "tensorrt": "11.0.0.1",
-    "torch_tensorrt": "2.13.0",
-    "cuda": "13.0",
-    "compute_capability": "sm_90",
-    "gpu": "NVIDIA H100 80GB HBM3",
-}
-BATCH = InputProfile("x", "float32", (1, 3, 16, 16), (4, 3, 16, 16), (16, 3, 16, 16))
+ROOT = Path(__file__).resolve().parents[1]
+HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
+needs_rtx = pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx is not installed (the "
+                               "[tensorrt-rtx] extra)")
+HAS_GPU = torch.cuda.is_available()
+
+BATCH = InputProfile("x", "float32", (1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))
 STATIC = InputProfile("scale", "float16", (1, 8), (1, 8), (1, 8))
 
 
-# ---- pure: no tensorrt, no GPU ---------------------------------------------------------------
+# ---- pure: options, registry, dtypes -------------------------------------------------------
 
 
-def test_importing_the_module_imports_no_toolchain():
-    if importlib.util.find_spec("tensorrt") is None:
-        assert "tensorrt" not in sys.modules
-        assert "torch_tensorrt" not in sys.modules
+def test_importing_the_package_imports_no_toolchain():
+    code = ("import sys, workers.backends.tensorrt, workers.backends.tensorrt.torch_frontend;"
+            "print(sorted(m for m in ('tensorrt', 'tensorrt_rtx', 'torch_tensorrt') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
 
 
-def test_profile_to_inputs_dynamic_and_static():
-    assert trt_backend.profile_to_inputs([BATCH, STATIC]) == [
-        {
-            "name": "x",
-            "dtype": torch.float32,
-            "min_shape": (1, 3, 16, 16),
-            "opt_shape": (4, 3, 16, 16),
-            "max_shape": (16, 3, 16, 16),
-        },
-        {"name": "scale", "dtype": torch.float16, "shape": (1, 8)},
-    ]
+def test_the_registry_is_the_targets_table():
+    assert BACKEND_NAMES == tuple(BACKENDS) and "tensorrt-rtx" in BACKEND_NAMES
+    for name in BACKEND_NAMES:
+        backend = get_backend(name)
+        assert backend.name == name
+        assert backend.artifact_suffix == BACKENDS[name]["suffix"] == artifact_suffix(name)
+    with pytest.raises(KeyError, match="'tensorrt_rtx'"):
+        get_backend("tensorrt_rtx")
 
 
-def test_profile_to_inputs_refuses_unknown_dtypes():
-    with pytest.raises(ValueError, match="'float42' is not a torch dtype"):
-        trt_backend.profile_to_inputs([InputProfile("x", "float42", (1,), (1,), (1,))])
-    with pytest.raises(ValueError, match="'Tensor' is not a torch dtype"):
-        trt_backend.torch_dtype("Tensor")
+def test_rtx_options_default_to_every_supported_gpu_in_one_order():
+    assert normalize_options("tensorrt-rtx", "cuda", {}) == {
+        "opset": 18, "workspace_mb": None,
+        "compute_capabilities": ["sm_80", "sm_86", "sm_89", "sm_120", "sm_121"]}
+    # Same set, any order or repeats: the same key.
+    assert normalize_options("tensorrt-rtx", "cuda", {
+        "compute_capabilities": ["sm_89", "sm_86", "sm_89"]})["compute_capabilities"] == [
+        "sm_86", "sm_89"]
 
 
-def test_check_profile():
-    assert trt_backend.check_profile([BATCH, STATIC]) == []
-    problems = trt_backend.check_profile(
-        [
-            InputProfile("a", "float32", (4, 3), (2, 3), (8, 3)),
-            InputProfile("b", "float32", (0, 3), (2, 3), (8, 3)),
-            InputProfile("c", "float32", (1, 3), (2,), (8, 3)),
-            InputProfile("d", "bfloat17", (1,), (1,), (1,)),
-        ]
-    )
+@pytest.mark.parametrize(("option", "says"), [
+    ("hardware_compatible", "portable across the GPUs named in compute_capabilities"),
+    ("version_compatible", "never load in another TensorRT-RTX release"),
+    ("optimization_level", "same plan at every optimisation level"),
+    ("frontend", "ONNX export only"),
+])
+def test_rtx_refuses_standard_only_options_with_the_reason(option, says):
+    with pytest.raises(KilnError) as err:
+        normalize_options("tensorrt-rtx", "cuda", {option: True})
+    assert err.value.code == "invalid_options"
+    assert f"'{option}' is a standard TensorRT option" in err.value.message
+    assert says in err.value.message
+
+
+def test_rtx_refuses_sm_90_and_the_cpu():
+    with pytest.raises(KilnError) as err:
+        normalize_options("tensorrt-rtx", "cuda", {"compute_capabilities": ["sm_90"]})
+    assert err.value.details["errors"][0]["field"] == "compute_capabilities.0"
+    with pytest.raises(KilnError) as err:
+        normalize_options("tensorrt-rtx", "cuda", {"compute_capabilities": []})
+    with pytest.raises(KilnError) as err:
+        normalize_options("tensorrt-rtx", "cpu", {})
+    assert err.value.code == "unsupported_device"
+
+
+def test_standard_options_frontend_and_format():
+    options = normalize_options("tensorrt", "cuda", {})
+    assert options["frontend"] == "onnx" and options["format"] == "engine"
+    with pytest.raises(KilnError, match="needs frontend 'torch_tensorrt'"):
+        normalize_options("tensorrt", "cuda", {"format": "exported_program"})
+    assert normalize_options("tensorrt", "cuda", {"format": "exported_program",
+                                                  "frontend": "torch_tensorrt"})
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int16", "uint16", "uint32", "complex64",
+                                   "float8_e5m2"])
+def test_dtypes_tensorrt_cannot_take_are_refused_naming_the_input(dtype):
+    profile = [{"name": "x", "dtype": "float32"}, {"name": "ids", "dtype": dtype}]
+    for backend in ("tensorrt", "tensorrt-rtx"):
+        with pytest.raises(KilnError) as err:
+            check_dtypes(backend, profile)
+        assert err.value.code == "unsupported_dtype" and err.value.status == 422
+        assert f"input 'ids' is {dtype}" in err.value.message
+        assert [e["input"] for e in err.value.details["errors"]] == ["ids"]
+    check_dtypes("aoti", profile)  # other backends decide for themselves
+    check_dtypes("tensorrt", [{"name": "x", "dtype": "bfloat16"}])
+
+
+def test_profile_problems():
+    assert trt_backend.profile_problems([BATCH, STATIC]) == []
+    problems = trt_backend.profile_problems([
+        InputProfile("a", "float32", (4, 3), (2, 3), (8, 3)),
+        InputProfile("b", "float32", (0, 3), (2, 3), (8, 3)),
+        InputProfile("c", "float32", (1, 3), (2,), (8, 3)),
+    ])
     assert problems == [
         "input 'a' dim 0: need 0 <= min <= opt <= max, got 4, 2, 8",
         "input 'b' dim 0: a dynamic dim cannot start at 0",
         "input 'c': min, opt and max have different ranks",
-        "input 'd': 'bfloat17' is not a torch dtype",
     ]
-
-
-def test_exported_program_format_refuses_opt_of_one_on_a_dynamic_dim():
     at_one = InputProfile("x", "float32", (1, 3), (1, 3), (8, 3))
-    assert trt_backend.check_profile([at_one], "engine") == []
-    assert trt_backend.check_profile([at_one], "exported_program") == [
-        "input 'x' dim 0: opt must be >= 2 for the exported_program format"
+    assert trt_backend.profile_problems([at_one], "exported_program") == [
+        "input 'x' dim 0: opt must be >= 2 for the exported_program format"]
+
+
+def test_build_refuses_bad_dtypes_before_touching_a_library(tmp_path):
+    bad = InputProfile("x", "float64", (1, 3), (2, 3), (4, 3))
+    for name in ("tensorrt", "tensorrt-rtx"):
+        with pytest.raises(KilnError) as err:
+            get_backend(name).build(None, [bad], "cuda", {}, tmp_path, print)  # type: ignore[arg-type]
+        assert err.value.code == "unsupported_dtype"
+        with pytest.raises(KilnError) as err:
+            get_backend(name).build(None, [BATCH], "cpu", {}, tmp_path, print)  # type: ignore[arg-type]
+        assert err.value.code == "unsupported_device"
+
+
+# ---- pure: checks, capabilities, timing cache, Torch-TensorRT helpers ----------------------
+
+
+def _plan_inputs() -> list[dict[str, Any]]:
+    return [
+        {"name": "x", "dtype": "float32", "shape": [-1, 3, 32, 32],
+         "profile": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [16, 3, 32, 32]}},
+        {"name": "scale", "dtype": "float16", "shape": [1, 8], "profile": None},
     ]
 
 
-def test_torch_tensorrt_settings():
-    settings = trt_backend.torch_tensorrt_settings(OPTIONS)
-    assert settings == {
-        "optimization_level": 3,
-        "hardware_compatible": False,
-        "version_compatible": False,
-        "disable_tf32": False,
-        "cache_built_engines": False,
-        "reuse_cached_engines": False,
-        "immutable_weights": True,
-    }
-    # No enabled_precisions: Torch-TensorRT >= 2.13 has none; precision follows the program.
-    settings = trt_backend.torch_tensorrt_settings(
-        {**OPTIONS, "workspace_mb": 512, "hardware_compatible": True, "version_compatible": True}
-    )
-    assert settings["workspace_size"] == 512 * 2**20
-    assert settings["hardware_compatible"] and settings["version_compatible"]
+def test_check_against_request_names_each_difference():
+    outputs = [{"name": "output0", "dtype": "float32", "shape": [-1, 10]}]
+    assert check_against_request([BATCH, STATIC], _plan_inputs(), outputs, 1) == []
+    inputs = _plan_inputs()
+    inputs[0]["profile"]["opt"] = [8, 3, 32, 32]
+    inputs[1]["dtype"] = "float32"
+    assert check_against_request([BATCH, STATIC], inputs, outputs, 2) == [
+        "input 'x': plan opt [8, 3, 32, 32], asked [4, 3, 32, 32]",
+        "input 'scale': plan dtype float32, asked float16",
+        "plan has 1 outputs, the program 2",
+    ]
+    assert check_against_request([BATCH], _plan_inputs()) == [
+        "plan inputs ['scale', 'x'] are not the profile's ['x']"]
+    assert check_against_request([BATCH, STATIC], _plan_inputs(),
+                                 [{"name": "linear", "dtype": "float32", "shape": [4]}]) == [
+        "plan outputs ['linear'] are not output0..output0"]
 
 
-def test_key_toolchain_relaxes_the_gpu_only_for_hardware_compatible_engines():
-    assert trt_backend.key_toolchain(H100, OPTIONS) == H100
-    portable = trt_backend.key_toolchain(H100, {**OPTIONS, "hardware_compatible": True})
-    assert portable["compute_capability"] == portable["gpu"] == "ampere_plus"
-    a100 = {**H100, "compute_capability": "sm_80", "gpu": "NVIDIA A100-SXM4-40GB"}
-    assert trt_backend.key_toolchain(a100, {**OPTIONS, "hardware_compatible": True}) == portable
-    # Version compatibility keeps the exact TensorRT version (see the module docstring).
-    assert trt_backend.key_toolchain(H100, {**OPTIONS, "version_compatible": True}) == H100
+def test_invalidity_reason_reads_tensorrt_rtx_diagnostics():
+    assert invalidity_reason(2) == "this GPU's compute capability is not one the plan targets"
+    assert invalidity_reason(1 | 4) == ("built by another TensorRT-RTX version, the CUDA driver "
+                                        "is too old")
 
 
-@pytest.mark.parametrize(
-    ("cc", "expected"),
-    [("sm_75", False), ("sm_80", True), ("sm_86", True), ("sm_90", True), ("sm_100", True),
-     ("sm_120", True), ("gfx90a", False)],
-)
-def test_is_ampere_plus(cc, expected):
-    assert trt_backend.is_ampere_plus(cc) is expected
+@needs_rtx
+def test_rtx_run_capability_is_honest(monkeypatch):
+    backend = get_backend("tensorrt-rtx")
+    assert isinstance(backend, AheadOfTimeBuilder)
+    monkeypatch.setattr(trt_backend, "gpu_compute_capability", lambda: None)
+    assert backend.run_capability().startswith(  # type: ignore[attr-defined]
+        "no CUDA GPU on this worker: TensorRT-RTX 1.7.1 builds plans here ahead of time")
+    monkeypatch.setattr(trt_backend, "gpu_compute_capability", lambda: "sm_90")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    reason = backend.run_capability()  # type: ignore[attr-defined]
+    assert reason.startswith("compute capability 9.0 not supported by TensorRT-RTX 1.7.1 "
+                             "(NVIDIA H200; it runs plans on sm_80 sm_86 sm_89 sm_120 sm_121")
+    monkeypatch.setattr(trt_backend, "gpu_compute_capability", lambda: "sm_86")
+    assert backend.run_capability() is None  # type: ignore[attr-defined]
+    # A plan built for Ada only does not run on an A10.
+    built = trt_backend.BuildResult(Path("x"), {"compute_capabilities": ["sm_89"]})
+    reason = backend.cannot_run_reason(built, "cuda")
+    assert reason is not None and "this plan targets sm_89" in reason
 
 
 def test_timing_cache_file_is_per_gpu_model_and_tensorrt_version(tmp_path, monkeypatch):
-    path = trt_backend.timing_cache_file(tmp_path, H100)
-    assert path == tmp_path / "nvidia-h100-80gb-hbm3-sm_90-trt11.0.0.1.cache"
-    assert trt_backend.timing_cache_file(tmp_path, {**H100, "tensorrt": "11.1.0.1"}) != path
-
+    path = timing_cache.timing_cache_file(tmp_path, "NVIDIA H100 80GB HBM3", "sm_90", "10.15.1")
+    assert path == tmp_path / "nvidia-h100-80gb-hbm3-sm_90-trt10.15.1.cache"
     monkeypatch.setenv("KILN_TRT_TIMING_CACHE_DIR", str(tmp_path / "tc"))
-    assert trt_backend.timing_cache_dir() == tmp_path / "tc"
-    monkeypatch.delenv("KILN_TRT_TIMING_CACHE_DIR")
-    assert trt_backend.timing_cache_dir() == Path("~/.cache/kiln/trt-timing").expanduser()
+    assert timing_cache.timing_cache_dir() == tmp_path / "tc"
 
 
-def test_merge_timing_cache_first_build_writes_the_shared_file(tmp_path):
-    shared, built = tmp_path / "shared" / "gpu.cache", tmp_path / "build.cache"
+def test_timing_cache_file_errors_of_any_kind_mean_a_cold_cache(tmp_path):
     lines: list[str] = []
-    assert trt_backend.merge_timing_cache(shared, built, lines.append) is False  # nothing built
-    built.write_bytes(b"first")
-    assert trt_backend.merge_timing_cache(shared, built, lines.append) is True
-    assert shared.read_bytes() == b"first"
-    # Only the cache and its lock file: the temporary file was renamed into place.
+    assert timing_cache.read(tmp_path / "missing.cache", lines.append) is None
+    assert lines == []  # a first build is not an error
+    assert timing_cache.read(tmp_path, lines.append) is None  # a directory: IsADirectoryError
+    assert lines and "building cold: IsADirectoryError" in lines[0]
+    (tmp_path / "ok.cache").write_bytes(b"cache")
+    assert timing_cache.read(tmp_path / "ok.cache", lines.append) == b"cache"
+
+
+def test_timing_cache_merge_combines_and_never_fails_the_build(tmp_path):
+    shared = tmp_path / "shared" / "gpu.cache"
+    assert timing_cache.merge(shared, b"first", lambda a, b: a + b, print) is True
+    assert timing_cache.merge(shared, b"+ours", lambda a, b: a + b, print) is True
+    assert shared.read_bytes() == b"first+ours"
     assert sorted(p.name for p in shared.parent.iterdir()) == ["gpu.cache", "gpu.cache.lock"]
 
-
-def test_merge_timing_cache_combines_with_what_others_saved(tmp_path, monkeypatch):
-    shared, built = tmp_path / "gpu.cache", tmp_path / "build.cache"
-    shared.write_bytes(b"theirs")
-    built.write_bytes(b"ours")
-    monkeypatch.setattr(
-        trt_backend, "_combine_timing_caches", lambda shared, ours, log: shared + b"+" + ours
-    )
-    assert trt_backend.merge_timing_cache(shared, built, print) is True
-    assert shared.read_bytes() == b"theirs+ours"
-
-
-def test_merge_timing_cache_failure_keeps_the_shared_file_and_the_build(tmp_path, monkeypatch):
-    shared, built = tmp_path / "gpu.cache", tmp_path / "build.cache"
-    shared.write_bytes(b"theirs")
-    built.write_bytes(b"ours")
-
-    def broken(shared: bytes, ours: bytes, log: object) -> bytes:
+    def broken(a: bytes, b: bytes) -> bytes:
         raise RuntimeError("no GPU here")
 
-    monkeypatch.setattr(trt_backend, "_combine_timing_caches", broken)
     lines: list[str] = []
-    assert trt_backend.merge_timing_cache(shared, built, lines.append) is False
-    assert shared.read_bytes() == b"theirs"
+    assert timing_cache.merge(shared, b"x", broken, lines.append) is False
+    assert shared.read_bytes() == b"first+ours"
     assert lines == ["timing cache not saved: RuntimeError: no GPU here"]
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    (readonly / "gpu.cache.lock").mkdir()  # the lock cannot be opened: OSError
+    assert timing_cache.merge(readonly / "gpu.cache", b"x", broken, lines.append) is False
 
 
-def _engine_info(**overrides):
-    info = {
-        "hardware_compatibility_level": "NONE",
-        "inputs": [
-            {
-                "name": "x",
-                "dtype": "float32",
-                "shape": [-1, 3, 16, 16],
-                "profile": {"min": [1, 3, 16, 16], "opt": [4, 3, 16, 16], "max": [16, 3, 16, 16]},
-                "shape_tensor": False,
-            },
-            {"name": "scale", "dtype": "float16", "shape": [1, 8], "profile": None,
-             "shape_tensor": False},
-        ],
-        "outputs": [{"name": "output0", "dtype": "float32", "shape": [-1, 4]}],
-    }
-    info.update(overrides)
-    return info
-
-
-def test_check_engine_against_request_accepts_the_engine_asked_for():
-    assert trt_backend.check_engine_against_request([BATCH, STATIC], OPTIONS, _engine_info()) == []
-
-
-def test_check_engine_against_request_names_each_difference():
-    info = _engine_info()
-    info["inputs"][0]["profile"]["opt"] = [8, 3, 16, 16]
-    info["inputs"][1]["dtype"] = "float32"
-    problems = trt_backend.check_engine_against_request(
-        [BATCH, STATIC], {**OPTIONS, "hardware_compatible": True}, info
-    )
-    assert problems == [
-        "input 'x': engine opt [8, 3, 16, 16], asked [4, 3, 16, 16]",
-        "input 'scale': engine dtype float32, asked float16",
-        "engine hardware compatibility is NONE, asked AMPERE_PLUS",
+def test_torch_tensorrt_inputs_and_settings(tmp_path):
+    assert torch_frontend.profile_to_inputs([BATCH, STATIC]) == [
+        {"name": "x", "dtype": torch.float32, "min_shape": (1, 3, 32, 32),
+         "opt_shape": (4, 3, 32, 32), "max_shape": (16, 3, 32, 32)},
+        {"name": "scale", "dtype": torch.float16, "shape": (1, 8)},
     ]
-    assert trt_backend.check_engine_against_request([BATCH], OPTIONS, _engine_info()) == [
-        "engine inputs ['scale', 'x'] are not the profile's ['x']"
-    ]
+    options = normalize_options("tensorrt", "cuda", {"frontend": "torch_tensorrt",
+                                                     "workspace_mb": 512})
+    settings = torch_frontend.torch_tensorrt_settings(options, tmp_path / "t.cache")
+    assert settings["workspace_size"] == 512 * 2**20
+    assert settings["timing_cache_path"] == str(tmp_path / "t.cache")
+    assert "enabled_precisions" not in settings  # precision follows the program's dtypes
+
+
+def test_converter_errors_reach_the_job_not_unbound_local_error():
+    errors: list[str] = []
+    lines: list[str] = []
+    with torch_frontend.forward_logs({"kiln.test.tt": logging.WARNING}, lines.append, errors):
+        try:
+            raise NotImplementedError("aten.nonzero has no converter")
+        except NotImplementedError:
+            logging.getLogger("kiln.test.tt.conv").exception("Conversion of node failed")
+    assert "aten.nonzero has no converter" in lines[0]  # the traceback reaches the build log
+    err = torch_frontend.conversion_error(
+        UnboundLocalError("cannot access local variable 'interpreter_result'"), errors)
+    assert err.code == "conversion_failed"
+    assert err.message == "Torch-TensorRT could not convert the program: Conversion of node failed"
+    assert "aten.nonzero has no converter" in err.details["logged"][0]
+    assert "UnboundLocalError" in err.details["raised"]
+
+
+class Twice(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = torch.relu(x)
+        return y, y * 2, y
+
+
+def test_distinct_outputs_gives_a_repeated_output_its_own_tensor():
+    program = torch.export.export(Twice(), (torch.randn(2, 4),))
+    assert torch_frontend.distinct_outputs(program) == 1
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    assert len({id(v) for v in output.args[0]}) == 3
+    assert [s.arg.name for s in program.graph_signature.output_specs] == [
+        v.name for v in output.args[0]]
+    x = torch.randn(2, 4)
+    a, b, c = program.module()(x)
+    assert torch.equal(a, c) and torch.equal(b, a * 2)
 
 
 class TwoInputs(torch.nn.Module):
@@ -232,186 +298,248 @@ class TwoInputs(torch.nn.Module):
 def shared_batch_program() -> torch.export.ExportedProgram:
     batch, seq = Dim("batch", min=1, max=32), Dim("seq", min=2, max=64)
     return torch.export.export(
-        TwoInputs(),
-        (torch.randn(2, 5, 8), torch.randn(2, 5), torch.randn(8)),
-        dynamic_shapes={"x": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}, "bias": None},
-    )
+        TwoInputs(), (torch.randn(2, 5, 8), torch.randn(2, 5), torch.randn(8)),
+        dynamic_shapes={"x": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}, "bias": None})
 
 
-def test_input_dim_symbols(shared_batch_program):
-    symbols = trt_backend.input_dim_symbols(shared_batch_program)
-    assert list(symbols) == ["x", "mask", "bias"]
-    assert symbols["x"][:2] == symbols["mask"] and None not in symbols["mask"]
-    assert symbols["x"][2] is None and symbols["bias"] == [None]
+SHARED = [InputProfile("x", "float32", (1, 2, 8), (4, 16, 8), (8, 64, 8)),
+          InputProfile("mask", "float32", (1, 2), (4, 16), (8, 64)),
+          InputProfile("bias", "float32", (8,), (8,), (8,))]
 
 
 def test_program_dynamic_shapes_share_one_dim_per_program_symbol(shared_batch_program):
-    profile = [
-        InputProfile("x", "float32", (1, 2, 8), (4, 16, 8), (8, 64, 8)),
-        InputProfile("mask", "float32", (1, 2), (4, 16), (8, 64)),
-        InputProfile("bias", "float32", (8,), (8,), (8,)),
-    ]
-    shapes = trt_backend.program_dynamic_shapes(shared_batch_program, profile)
-    assert shapes["bias"] is None
-    assert set(shapes["x"]) == {0, 1} and set(shapes["mask"]) == {0, 1}
-    assert shapes["x"][0] is shapes["mask"][0] and shapes["x"][1] is shapes["mask"][1]
-    assert (shapes["x"][0].min, shapes["x"][0].max) == (1, 8)
-
+    shapes = torch_frontend.program_dynamic_shapes(shared_batch_program, SHARED)
+    x, mask = shapes["x"], shapes["mask"]
+    assert shapes["bias"] is None and x is not None and mask is not None
+    assert x[0] is mask[0] and x[1] is mask[1]
+    profile = [*SHARED]
     profile[1] = InputProfile("mask", "float32", (1, 2), (4, 16), (4, 64))
     with pytest.raises(ValueError, match="shares a size with another input"):
-        trt_backend.program_dynamic_shapes(shared_batch_program, profile)
+        torch_frontend.program_dynamic_shapes(shared_batch_program, profile)
 
 
-def test_forward_logs_sends_records_to_the_build_log():
-    lines: list[str] = []
-    levels = {"kiln.test.lib": logging.INFO, "kiln test trt": logging.WARNING}
-    with trt_backend.forward_logs(levels, lines.append):
-        logging.getLogger("kiln.test.lib.child").info("building %s", "engine")
-        logging.getLogger("kiln test trt").info("layer chatter")
-        logging.getLogger("kiln test trt").warning("weights look odd")
-    logging.getLogger("kiln.test.lib.child").info("after")
-    assert lines == ["info: building engine", "warning: weights look odd"]
-    assert logging.getLogger("kiln.test.lib").level == logging.NOTSET
+def test_standard_tensorrt_says_why_it_is_unavailable():
+    reason = get_backend("tensorrt").unavailable_reason()
+    if importlib.util.find_spec("tensorrt") is None:
+        assert reason == ("tensorrt is not importable: ModuleNotFoundError: No module named "
+                          "'tensorrt'")
+    elif not HAS_GPU:
+        assert reason is not None and "no CUDA GPU" in reason
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here"
-)
-def test_unavailable_reason_is_clear_without_tensorrt():
-    backend = TensorRTBackend()
-    reason = backend.unavailable_reason()
-    assert reason is not None and reason.startswith("tensorrt is not importable: ")
-    assert "No module named 'tensorrt'" in reason
-    assert backend.devices() == []
+# ---- real TensorRT-RTX builds on this machine (CPU-only mode) ------------------------------
 
 
-def test_build_refuses_non_cuda_devices_before_touching_tensorrt(tmp_path):
-    with pytest.raises(KilnError) as err:
-        TensorRTBackend().build(None, [BATCH], "cpu", OPTIONS, tmp_path, print)
-    assert err.value.code == "unsupported_device"
-    with pytest.raises(ValueError, match="runs on 'cuda'"):
-        TensorRTBackend().load(tmp_path / "model.engine", "cpu", [BATCH])
+def _convnet() -> torch.export.ExportedProgram:
+    sys.path.insert(0, str(ROOT / "examples"))
+    from export_convnet import ConvNet
+
+    torch.manual_seed(0)
+    return torch.export.export(ConvNet().eval(), (torch.randn(4, 3, 32, 32),),
+                               dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
 
 
-# ---- real builds: TensorRT and a CUDA GPU ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trt_host() -> None:
-    reason = "TensorRT cannot be installed on this machine (design.md section 6)"
-    pytest.importorskip("tensorrt", reason=reason)
-    pytest.importorskip("torch_tensorrt", reason=reason)
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-
-
-class ConvNet(torch.nn.Module):
+class TwoOutputs(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 4)
+        self.proj = torch.nn.Linear(8, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.head(y.mean(dim=(2, 3)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.proj(x)
+        return h.softmax(-1), h.sum(-1), h.softmax(-1)
 
 
-@pytest.fixture(scope="module")
-def conv_program(trt_host) -> torch.export.ExportedProgram:
-    torch.manual_seed(0)
-    program = torch.export.export(
-        ConvNet().eval(),
-        (torch.randn(4, 3, 16, 16),),
-        dynamic_shapes={"x": {0: Dim("batch", min=1, max=32)}},
-    )
-    from torch.export.passes import move_to_device_pass
-
-    return move_to_device_pass(program, "cuda")  # as the build child does for cuda jobs
-
-
-@pytest.fixture(scope="module")
-def timing_cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("trt-timing")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KILN_TRT_TIMING_CACHE_DIR", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def built_engine(conv_program, timing_cache_dir, tmp_path_factory):
+def _rtx_build(program: torch.export.ExportedProgram, profile: list[InputProfile],
+               workdir: Path, **options: Any) -> tuple[Any, list[str]]:
     lines: list[str] = []
-    workdir = tmp_path_factory.mktemp("engine")
-    result = TensorRTBackend().build(conv_program, [BATCH], "cuda", OPTIONS, workdir, lines.append)
-    return result, lines
+    backend = get_backend("tensorrt-rtx")
+    built = backend.build(program, profile, "cuda",
+                          normalize_options("tensorrt-rtx", "cuda", options), workdir,
+                          lines.append)
+    return built, lines
+
+
+@pytest.fixture(scope="module")
+def convnet_plan(tmp_path_factory):
+    if not HAS_RTX:
+        pytest.skip("tensorrt_rtx is not installed (the [tensorrt-rtx] extra)")
+    program = _convnet()
+    built, lines = _rtx_build(program, [BATCH], tmp_path_factory.mktemp("convnet"))
+    return program, built, lines
+
+
+@needs_rtx
+def test_rtx_builds_the_convnet_with_a_dynamic_batch_here(convnet_plan):
+    _, built, _ = convnet_plan
+    assert built.artifact.name == "model.engine" and built.artifact.stat().st_size > 10_000
+    plan = built.artifact.read_bytes()
+    assert plan[:4] == b"vtrt"  # a TensorRT-RTX plan, not the ONNX file
+    report = built.report
+    assert report["format"] == "engine" and report["frontend"] == "onnx"
+    assert report["library"] == "tensorrt_rtx=1.7.1"
+    assert report["compute_capabilities"] == ["sm_80", "sm_86", "sm_89", "sm_120", "sm_121"]
+    assert report["toolchain"]["tensorrt_rtx"] == "1.7.1"
+    assert report["toolchain"]["compute_capabilities"] == "sm_80+sm_86+sm_89+sm_120+sm_121"
+
+
+@needs_rtx
+def test_the_profile_inside_the_plan_is_the_request(convnet_plan):
+    _, built, _ = convnet_plan
+    (x,) = built.report["plan"]["inputs"]
+    assert x == {"name": "x", "dtype": "float32", "shape": [-1, 3, 32, 32],
+                 "profile": {"min": [1, 3, 32, 32], "opt": [4, 3, 32, 32],
+                             "max": [16, 3, 32, 32]}}
+    assert built.report["plan"]["outputs"] == [
+        {"name": "output0", "dtype": "float32", "shape": [-1, 10]}]
+
+
+@needs_rtx
+@pytest.mark.skipif(HAS_GPU, reason="this host has a GPU")
+def test_a_cpu_only_worker_says_it_cannot_run_the_plan(convnet_plan):
+    _, built, lines = convnet_plan
+    assert "no CUDA GPU: TensorRT-RTX builds in CPU-only mode" in lines
+    reason = get_backend("tensorrt-rtx").cannot_run_reason(built, "cuda")  # type: ignore[attr-defined]
+    assert reason == ("no CUDA GPU on this worker: TensorRT-RTX 1.7.1 builds plans here ahead "
+                      "of time but cannot run them; they run on sm_80, sm_86, sm_89, sm_120, "
+                      "sm_121")
+
+
+@needs_rtx
+def test_rtx_compute_capabilities_change_the_plan(convnet_plan, tmp_path):
+    program, default, _ = convnet_plan
+    ada, _ = _rtx_build(program, [BATCH], tmp_path, compute_capabilities=["sm_89"])
+    assert ada.report["compute_capabilities"] == ["sm_89"]
+    assert ada.artifact.read_bytes() != default.artifact.read_bytes()
+
+
+@needs_rtx
+def test_rtx_two_inputs_with_shared_dynamic_dims(shared_batch_program, tmp_path):
+    built, _ = _rtx_build(shared_batch_program, SHARED, tmp_path)
+    inputs = {i["name"]: i for i in built.report["plan"]["inputs"]}
+    assert set(inputs) == {"x", "mask", "bias"}
+    for p in SHARED:
+        assert inputs[p.name]["profile"] == {"min": list(p.min), "opt": list(p.opt),
+                                             "max": list(p.max)}
+    assert inputs["bias"]["shape"] == [8]
+
+
+@needs_rtx
+def test_rtx_program_with_several_outputs_one_returned_twice(tmp_path):
+    program = torch.export.export(TwoOutputs().eval(), (torch.randn(2, 8),),
+                                  dynamic_shapes={"x": {0: Dim("batch", min=1, max=16)}})
+    profile = [InputProfile("x", "float32", (1, 8), (4, 8), (16, 8))]
+    built, _ = _rtx_build(program, profile, tmp_path)
+    assert [(o["name"], o["shape"]) for o in built.report["plan"]["outputs"]] == [
+        ("output0", [-1, 4]), ("output1", [-1]), ("output2", [-1, 4])]
+
+
+@needs_rtx
+def test_rtx_refuses_a_float64_input_before_building(tmp_path):
+    class Double(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    program = torch.export.export(Double(), (torch.randn(2, 3, dtype=torch.float64),))
+    with pytest.raises(KilnError) as err:
+        _rtx_build(program, [InputProfile("x", "float64", (2, 3), (2, 3), (2, 3))], tmp_path)
+    assert err.value.code == "unsupported_dtype" and "input 'x' is float64" in err.value.message
+    assert not (tmp_path / "onnx").exists()  # refused before the export
+
+
+@needs_rtx
+def test_onnx_parse_errors_name_the_node():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from workers.backends.tensorrt.builder import parse_onnx
+    from workers.backends.tensorrt.library import RTX, import_library
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="node_relu"),
+         helper.make_node("FancyOp", ["r"], ["y"], name="node_fancy", domain="kiln.test")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("kiln.test", 1)])
+    trt = import_library(RTX)
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    with pytest.raises(KilnError) as err:
+        parse_onnx(trt, trt.Builder(logger), logger, model.SerializeToString())
+    assert err.value.code == "onnx_parse_failed" and err.value.status == 422
+    assert err.value.message.startswith(
+        "TensorRT's ONNX parser refused the model: ONNX node 'node_fancy' (FancyOp): ")
+    assert err.value.details["errors"][0]["node"] == "node_fancy"
+    assert onnx.__version__
+
+
+@needs_rtx
+def test_probe_announces_build_but_not_run_without_a_supported_gpu():
+    from workers.probe import probe
+
+    (target,) = probe(["tensorrt-rtx"])["targets"]
+    assert target["backend"] == "tensorrt-rtx" and target["device"] == "cuda"
+    assert target["arch"] == "sm_80+sm_86+sm_89+sm_120+sm_121"
+    assert "tensorrt_rtx=1.7.1" in target["toolchain_id"]
+    assert "compute_capabilities=sm_80+sm_86+sm_89+sm_120+sm_121" in target["toolchain_id"]
+    assert target["builds"] is True
+    if not HAS_GPU:
+        assert target["runs"] is False and "no CUDA GPU" in target["runs_reason"]
+
+
+# ---- running plans: a GPU the plan targets (gpu), standard TensorRT (tensorrt) -------------
 
 
 def _compare_with_eager(program, runner, profile, rtol=1e-2, atol=1e-2):
-    # Tolerances allow TF32, which TensorRT (like eager convolutions) may use for float32.
     for point in ("min", "opt", "max"):
-        torch.manual_seed(1)
-        x = torch.randn(getattr(profile[0], point), device="cuda")
-        expected = program.module()(x)
-        (got,) = runner([x])
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        inputs = [torch.randn(getattr(p, point)) for p in profile]
+        expected = program.module()(*inputs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        got = runner([t.cuda() for t in inputs])
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g.cpu(), e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.gpu
+@needs_rtx
+def test_rtx_plan_runs_like_eager_on_a_gpu_it_targets(convnet_plan):
+    program, built, _ = convnet_plan
+    backend = get_backend("tensorrt-rtx")
+    reason = backend.cannot_run_reason(built, "cuda")  # type: ignore[attr-defined]
+    if reason:
+        pytest.skip(reason)
+    _compare_with_eager(program, backend.load(built.artifact, "cuda", [BATCH]), [BATCH])
+
+
+@pytest.fixture(scope="module")
+def trt_gpu_host() -> None:
+    reason = get_backend("tensorrt").unavailable_reason()
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.mark.tensorrt
-def test_engine_runs_like_eager_at_min_opt_max(conv_program, built_engine):
-    result, _ = built_engine
-    assert result.artifact.name == "model.engine"
-    runner = TensorRTBackend().load(result.artifact, "cuda", [BATCH])
-    _compare_with_eager(conv_program, runner, [BATCH])
-    with pytest.raises(ValueError, match="outside the engine's profile"):
-        runner([torch.randn(64, 3, 16, 16, device="cuda")])
-
-
-@pytest.mark.tensorrt
-def test_inspect_engine_reports_the_requested_profile(built_engine):
-    result, _ = built_engine
-    info = trt_backend.inspect_engine(result.artifact)
-    (x,) = info["inputs"]
-    assert x["name"] == "x" and x["dtype"] == "float32"
-    assert x["profile"] == {"min": [1, 3, 16, 16], "opt": [4, 3, 16, 16], "max": [16, 3, 16, 16]}
-    assert info["num_optimization_profiles"] == 1
-    assert result.report["engine"] == info
-    assert result.report["format"] == "engine" and result.report["artifact_suffix"] == ".engine"
-
-
-@pytest.mark.tensorrt
-def test_toolchain_names_the_gpu_and_tensorrt(trt_host):
-    toolchain = TensorRTBackend().toolchain("cuda")
-    major, minor = torch.cuda.get_device_capability()
-    assert toolchain["compute_capability"] == f"sm_{major}{minor}"
-    assert toolchain["tensorrt"] and toolchain["torch_tensorrt"] and toolchain["gpu"]
-
-
-@pytest.mark.tensorrt
-def test_timing_cache_is_saved_and_warms_the_next_build(
-    conv_program, built_engine, timing_cache_dir, tmp_path
-):
-    result, _ = built_engine
-    shared = Path(result.report["timing_cache"]["path"])
-    assert shared.parent == timing_cache_dir and shared.stat().st_size > 0
-    assert result.report["timing_cache"]["saved"] is True
-    again = TensorRTBackend().build(conv_program, [BATCH], "cuda", OPTIONS, tmp_path, print)
+def test_standard_tensorrt_onnx_route_runs_like_eager(trt_gpu_host, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_TRT_TIMING_CACHE_DIR", str(tmp_path / "tc"))
+    program, backend = _convnet(), get_backend("tensorrt")
+    options = normalize_options("tensorrt", "cuda", {})
+    built = backend.build(program, [BATCH], "cuda", options, tmp_path / "a", print)
+    assert built.report["library"].startswith("tensorrt=")
+    assert built.report["timing_cache"]["saved"] is True
+    _compare_with_eager(program, backend.load(built.artifact, "cuda", [BATCH]), [BATCH])
+    again = backend.build(program, [BATCH], "cuda", options, tmp_path / "b", print)
     assert again.report["timing_cache"]["warm"] is True
 
 
 @pytest.mark.tensorrt
-def test_hardware_compatible_engine_says_so(conv_program, timing_cache_dir, tmp_path):
-    if not trt_backend.is_ampere_plus(TensorRTBackend().toolchain("cuda")["compute_capability"]):
-        pytest.skip("needs an Ampere or later GPU")
-    options = {**OPTIONS, "hardware_compatible": True}
-    result = TensorRTBackend().build(conv_program, [BATCH], "cuda", options, tmp_path, print)
-    assert result.report["engine"]["hardware_compatibility_level"] == "AMPERE_PLUS"
-
-
-@pytest.mark.tensorrt
-def test_exported_program_format(conv_program, timing_cache_dir, tmp_path):
-    options = {**OPTIONS, "format": "exported_program"}
-    result = TensorRTBackend().build(conv_program, [BATCH], "cuda", options, tmp_path, print)
-    assert result.artifact.name == "model.pt2"
-    assert result.report["artifact_suffix"] == ".pt2"
-    runner = TensorRTBackend().load(result.artifact, "cuda", [BATCH])
-    _compare_with_eager(conv_program, runner, [BATCH])
+def test_standard_tensorrt_torch_tensorrt_route_with_repeated_outputs(trt_gpu_host, tmp_path):
+    backend = get_backend("tensorrt")
+    if "torch_tensorrt" not in backend.frontends():  # type: ignore[attr-defined]
+        pytest.skip("torch_tensorrt does not import here")
+    program = torch.export.export(TwoOutputs().eval().cuda(), (torch.randn(2, 8).cuda(),),
+                                  dynamic_shapes={"x": {0: Dim("batch", min=1, max=16)}})
+    profile = [InputProfile("x", "float32", (1, 8), (4, 8), (16, 8))]
+    options = normalize_options("tensorrt", "cuda", {"frontend": "torch_tensorrt"})
+    built = backend.build(program, profile, "cuda", options, tmp_path, print)
+    assert len(built.report["engine"]["outputs"]) == 3
+    _compare_with_eager(program, backend.load(built.artifact, "cuda", profile), profile)

@@ -57,7 +57,7 @@ def run(workdir: Path) -> dict[str, Any]:
 
     from service.errors import KilnError
     from workers.backends import get_backend
-    from workers.backends.base import InputProfile
+    from workers.backends.base import AheadOfTimeBuilder, InputProfile, WeightSwapper
     from workers.program_guard import load_program
     from workers.validation import validate_and_time
 
@@ -76,7 +76,7 @@ def run(workdir: Path) -> dict[str, Any]:
     except KilnError as exc:
         return {"ok": False, "error": {"code": exc.code, "message": exc.message,
                                        "details": exc.details}, "timings": timings}
-    if device == "cuda":
+    if device == "cuda" and torch.cuda.is_available():  # tensorrt-rtx builds without a GPU
         from workers.program_device import move_to_device_pass
 
         program = move_to_device_pass(program, "cuda")
@@ -86,6 +86,9 @@ def run(workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if req.get("swap_from"):
+            if not isinstance(backend, WeightSwapper):
+                raise KilnError("unsupported_options",
+                                f"backend {req['backend']!r} cannot swap weights")
             built = backend.swap_weights(Path(req["swap_from"]), program, workdir, log)
             built.report["compile_seconds_saved"] = round(
                 float(req.get("swap_from_build_seconds", 0)) - (time.perf_counter() - t0), 3)
@@ -101,6 +104,18 @@ def run(workdir: Path) -> dict[str, Any]:
             "code": "build_failed", "message": f"{req['backend']} build failed: "
             f"{type(exc).__name__}: {str(exc)[:2000]}"}}
     timings["build_s"] = time.perf_counter() - t0
+
+    # A backend that builds ahead of time may not be able to run what it built here: the
+    # engine is stored unvalidated, with the reason and what the backend checked instead.
+    not_run = (backend.cannot_run_reason(built, device)
+               if isinstance(backend, AheadOfTimeBuilder) else None)
+    if not_run:
+        log(f"not validated: {not_run}")
+        return {"ok": True, "artifact": built.artifact.name, "timings": timings,
+                "build_report": {**built.report, "torch": torch.__version__},
+                "validation": {"status": "not_run", "reason": not_run, "checked_without_running":
+                               built.report.get("checked_without_running", [])},
+                "benchmark": {}, "validation_status": "not_run", "validation_reason": not_run}
 
     phase("validating")
     t0 = time.perf_counter()

@@ -3,6 +3,10 @@
 Run as ``python -m workers.probe`` in a child process: importing toolchains and asking CUDA
 about devices happens there, so the Celery process that forks nothing else never initialises
 CUDA, and a toolchain that crashes on import takes only the probe down.
+
+Each target says what the worker can do with it, never more: ``builds`` always, ``runs`` only
+when this host can load and run what it builds (a TensorRT-RTX worker on a CPU-only host or on
+an sm_90 GPU builds plans it cannot validate, and says why in ``runs_reason``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from service.engine_cache import Target, toolchain_id
 from service.worker_registry import queue_name
 from workers.backends import BACKEND_NAMES, get_backend
 from workers.backends.aoti import cpu_arch
+from workers.backends.base import AheadOfTimeBuilder, Backend
 from workers.cxx_compiler import last_choice
 
 
@@ -38,6 +43,25 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def target_arch(backend: Backend, device: str) -> str:
+    if isinstance(backend, AheadOfTimeBuilder):
+        return backend.target_arch(device)
+    return cuda_arch() if device == "cuda" else cpu_arch()
+
+
+def capabilities(backend: Backend) -> dict[str, Any]:
+    """What a worker announces beyond the target: whether it runs what it builds, frontends."""
+    found: dict[str, Any] = {"builds": True, "runs": True}
+    run_capability = getattr(backend, "run_capability", None)
+    if run_capability is not None:
+        reason = run_capability()
+        found.update(runs=reason is None, **({"runs_reason": reason} if reason else {}))
+    frontends = getattr(backend, "frontends", None)
+    if frontends is not None:
+        found["frontends"] = frontends()
+    return found
+
+
 def probe(backends: list[str]) -> dict[str, Any]:
     targets, unavailable = [], {}
     for name in backends:
@@ -48,10 +72,9 @@ def probe(backends: list[str]) -> dict[str, Any]:
             continue
         for device in backend.devices():
             versions = backend.toolchain(device)
-            arch = cuda_arch() if device == "cuda" else cpu_arch()
-            target = Target(name, device, arch, toolchain_id(versions))
+            target = Target(name, device, target_arch(backend, device), toolchain_id(versions))
             targets.append({**target.as_dict(), "toolchain": versions,
-                            "queue": queue_name(target)})
+                            "queue": queue_name(target), **capabilities(backend)})
     return {"targets": targets, "unavailable": unavailable,
             "host": {**host_info(), "aoti_cxx": last_choice(),
                      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}}

@@ -162,6 +162,12 @@ def _store_engine(services: Services, job: Job, model: Model, attempt: int, work
                          **({"swap_from_engine_id": job.swap_from_engine_id}
                             if result["build_report"].get("weight_swap") else {})},
         "validation": result["validation"], "benchmark": result["benchmark"],
+        # The child's word can only lower the status: anything but "not_run" is what the
+        # child's validation (result["ok"]) already established.
+        "validation_status": ("not_run" if result.get("validation_status") == "not_run"
+                              else "passed"),
+        "validation_reason": (str(result.get("validation_reason"))[:2000]
+                              if result.get("validation_status") == "not_run" else None),
     }
     with services.db.session() as s:
         engine = jobs.succeed(s, job.id, attempt, worker_id, fields, timings, log_text)

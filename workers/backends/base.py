@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -63,3 +63,35 @@ class Backend(Protocol):
 
     def load(self, artifact: Path, device: str, profile: Sequence[InputProfile]) -> Runner:
         """Load a built artifact as a callable taking user inputs in signature order."""
+
+
+# Optional parts of the contract: a backend implements them or not, and callers ask with
+# ``isinstance(backend, WeightSwapper)`` (runtime-checkable protocols check method names).
+
+
+@runtime_checkable
+class WeightSwapper(Protocol):
+    """A backend whose artifacts keep their weights apart and take another model's."""
+
+    def swap_weights(
+        self,
+        base: Path,
+        program: torch.export.ExportedProgram,
+        workdir: Path,
+        log: Callable[[str], None],
+    ) -> BuildResult:
+        """A new artifact: ``base``'s compiled code with ``program``'s weights."""
+
+
+@runtime_checkable
+class AheadOfTimeBuilder(Protocol):
+    """A backend that can build artifacts this host cannot run (TensorRT-RTX on a CPU-only
+    worker or on a GPU outside the plan's compute capabilities)."""
+
+    def target_arch(self, device: str) -> str:
+        """The ``arch`` of the target this host announces: where the artifacts run, which
+        need not be this host's GPU (e.g. ``sm_80+sm_86+sm_89+sm_120+sm_121``)."""
+
+    def cannot_run_reason(self, built: BuildResult, device: str) -> str | None:
+        """None when this host can load and run ``built``, else why not (stored on the
+        engine as its validation reason, with status ``not_run``)."""

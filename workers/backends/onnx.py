@@ -279,7 +279,7 @@ def _user_input_shapes(
     program: torch.export.ExportedProgram,
 ) -> list[tuple[str, Sequence[Any]]]:
     user_inputs = set(program.graph_signature.user_inputs)
-    shapes = []
+    shapes: list[tuple[str, Sequence[Any]]] = []
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs:
             value = node.meta.get("val")
