@@ -17,8 +17,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import dashboard_queries, jobs, worker_registry
-from service.dashboard_charts import Axis, nice_scale, range_bar
+from service import jobs, worker_registry
+from service.dashboard import queries as dashboard_queries
+from service.dashboard.charts import Axis, nice_scale, range_bar
 from service.db import upgrade
 from service.engine_cache import Target
 from service.models import Engine, Model, Submission

@@ -5,7 +5,7 @@ HttpOnly, SameSite=Strict cookie that ``service.auth`` accepts for these pages (
 they are read-only, so the cookie can never be used to change anything). Without configured
 API keys everyone is the local admin and the pages are open.
 
-Queries live in ``service.dashboard_queries`` and the SVG charts in ``service.dashboard_charts``;
+Queries live in ``service.dashboard.queries`` and the SVG charts in ``service.dashboard.charts``;
 the functions here turn query results into the charts each page shows.
 """
 
@@ -26,10 +26,10 @@ from flask import (
 )
 from markupsafe import Markup
 
-from service import dashboard_queries as q
+from service.dashboard import queries as q
 from service.auth import require_admin
-from service.dashboard_charts import Axis, Bar, bar_chart, line_chart, paired_bars, range_bar
-from service.dashboard_charts import timeline as timeline_chart
+from service.dashboard.charts import Axis, Bar, bar_chart, line_chart, paired_bars, range_bar
+from service.dashboard.charts import timeline as timeline_chart
 from service.errors import KilnError, NotFound
 from service.models import ACTIVE_STATES, JOB_STATES, Engine, Job, Model, utcnow
 from service.services import Services
