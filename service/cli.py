@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from service import keys_cli
 from service.client import KilnAPIError, KilnClient, parse_input
 from service.settings import Settings
 
@@ -21,6 +22,9 @@ DEFAULT_SERVER = os.environ.get("KILN_SERVER", "http://127.0.0.1:8000")
 @click.group()
 def main() -> None:
     """Kiln: compile torch.export programs into engines, and reuse them."""
+
+
+main.add_command(keys_cli.keys)
 
 
 @main.group()
@@ -85,6 +89,8 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool) -> None:
     settings = Settings.from_env(data_dir=data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    if first_key := keys_cli.first_admin_key(settings):
+        click.echo(f"first start: created an admin API key, shown only now: {first_key}")
     env = {**os.environ, **settings.to_env()}
     proc = None
     if not no_worker:
