@@ -55,6 +55,7 @@ def kiln(tmp_path: Path, programs: dict[str, Path]) -> Iterator[tuple[str, Flask
                       arch=template.arch, toolchain_id=template.toolchain_id,
                       queue=template.queue, options={}, profile=template.profile,
                       cache_key=f"old-{i}", status="failed", error_code="build_failed",
+                      started_at=template.started_at, finished_at=template.finished_at,
                       error_message="\x1b[31merror:\x1b[0m compiler exited 1", timings={},
                       log="", miss_reasons=[]))
     server = _ServerThread(app)
@@ -150,9 +151,16 @@ def test_an_operator_finds_and_acts_on_everything(kiln: tuple[str, Flask, World]
     assert "[31m" not in page.content()
     shot(page, "07-job-failed")
 
-    # Pin the engine, then evict it once unpinned.
+    # Pin the engine, then evict it once unpinned. Its build report holds a long unbroken
+    # value (a compiler command line, a path), which must wrap inside its card.
+    with app.extensions["kiln"].db.session() as s:
+        engine = s.get(Engine, world.engine.id)
+        engine.build_report = {**engine.build_report, "cmd": "/opt/toolchain/" + "x" * 400}
     page.goto(f"{base}/admin/engines/{world.engine.id}")
     shot(page, "08-engine")
+    overflowing = page.evaluate("""() => [...document.querySelectorAll('.card')]
+        .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h2').textContent)""")
+    assert overflowing == []
     page.get_by_role("button", name="Pin (never evict)", exact=True).click()
     assert page.locator("h1 .badge.pinned").count() == 1
     # A pinned engine offers no eviction.

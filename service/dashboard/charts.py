@@ -85,7 +85,8 @@ def bar_chart(bars: Sequence[Bar], *, unit: str = "", width: int = 640, height: 
     body += _titles(x_title, y_title, width, height, left, top, plot_w, plot_h)
     if not bars:
         return svg(width, height, [*body, _empty(width, height)], label)
-    step = plot_w / len(bars)
+    # A few bars stay bar-sized (one build is not a wall of colour), drawn from the left.
+    step = min(plot_w / len(bars), 48.0)
     gap = min(step * 0.2, 6)
     every = math.ceil(len(bars) / max_labels)
     for i, bar in enumerate(bars):
