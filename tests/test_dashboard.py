@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
 
 from service import jobs, worker_registry
 from service.dashboard import queries as dashboard_queries
 from service.dashboard.charts import Axis, nice_scale, range_bar
 from service.db import upgrade
 from service.engine_cache import Target
-from sqlalchemy import func, select
-
 from service.models import ApiKey, AuditEntry, Engine, Job, Model, Submission, Worker, utcnow
 from service.services import Services
 from service.uploads import save_upload
@@ -303,9 +302,9 @@ def test_sign_in_refuses_a_post_without_its_csrf_token(keyed_client: FlaskClient
     assert keyed_client.get("/admin/").status_code == 401
 
 
-@pytest.mark.parametrize("target", ["https://evil.test/", "//evil.test/", "/admin/\r\nSet-Cookie: x=1",
-                                    "/admin\nLocation: https://evil.test", "/api/v1/jobs",
-                                    "/admin/\\evil.test"])
+@pytest.mark.parametrize("target", [
+    "https://evil.test/", "//evil.test/", "/admin/\r\nSet-Cookie: x=1",
+    "/admin\nLocation: https://evil.test", "/api/v1/jobs", "/admin/\\evil.test"])
 def test_next_never_leaves_the_dashboard_and_never_breaks(keyed_client: FlaskClient,
                                                           target: str) -> None:
     page = keyed_client.get("/admin/login", query_string={"next": target})
@@ -573,6 +572,40 @@ def test_workers_page_shows_history_counts_and_queue_depth(client: FlaskClient, 
     assert "aoti/cpu" in queues and re.findall(r'<td class="num">(\d+)</td>', queues) == ["0", "1"]
 
 
+def test_a_drained_worker_stops_taking_jobs_and_keeps_its_row(tmp_path: Path) -> None:
+    """The real worker process: it reads the drain flag on its heartbeat, shuts down warm
+    (Celery finishes the task in hand first), exits 0, and its row stays for the history."""
+    import time
+
+    from tests.conftest import start_worker, wait_for_worker
+
+    settings = make_settings(tmp_path / "kiln", worker_ttl_s=6)
+    upgrade(settings.database_url)
+    proc = start_worker(settings, tmp_path / "worker.log", "--backends", "aoti")
+    try:
+        wait_for_worker(settings, proc)
+        services = Services(settings)
+        with services.db.session() as s:
+            worker = s.scalars(select(Worker)).one()
+            worker.drain_requested_at = utcnow()
+            worker_id = worker.id
+        t0 = time.monotonic()
+        assert proc.wait(timeout=60) == 0
+        took = time.monotonic() - t0
+        log = (tmp_path / "worker.log").read_text()
+        assert "drain requested" in log
+        with services.db.session() as s:
+            row = s.get(Worker, worker_id)
+            assert row is not None and row.drain_requested_at is not None
+        from service.app import create_app
+
+        html = create_app(settings).test_client().get("/admin/workers").get_data(as_text=True)
+        assert took < 30 and ("draining" in html or "drained" in html)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # ---- defects fixed -------------------------------------------------------------------------
 
 def test_failed_job_shows_plain_error_and_its_failing_phase(client: FlaskClient, world: World
@@ -600,7 +633,7 @@ def test_failed_job_shows_plain_error_and_its_failing_phase(client: FlaskClient,
 def test_trends_page_draws_labelled_charts(client: FlaskClient, world: World) -> None:
     html = _html(client, "/admin/trends")
     for title in ("failed", "stored", "day (UTC); failed/finished above"):
-        assert f'class="axis-title"' in html and f">{title}</text>" in html
+        assert 'class="axis-title"' in html and f">{title}</text>" in html
     # One finished job today: a bar with its count, not a lone dot.
     failure = re.search(r'aria-label="failure rate per day"[^>]*>(.*?)</svg>', html, re.S)
     assert failure is not None and ">0/1</text>" in failure.group(1)

@@ -159,7 +159,8 @@ def test_an_operator_finds_and_acts_on_everything(kiln: tuple[str, Flask, World]
     page.goto(f"{base}/admin/engines/{world.engine.id}")
     shot(page, "08-engine")
     overflowing = page.evaluate("""() => [...document.querySelectorAll('.card')]
-        .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.querySelector('h2').textContent)""")
+        .filter(c => c.scrollWidth > c.clientWidth + 1)
+        .map(c => c.querySelector('h2').textContent)""")
     assert overflowing == []
     page.get_by_role("button", name="Pin (never evict)", exact=True).click()
     assert page.locator("h1 .badge.pinned").count() == 1
