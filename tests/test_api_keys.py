@@ -139,3 +139,35 @@ def test_job_submission_is_rate_limited_per_key_with_429(keyed_app: Flask) -> No
     assert error["code"] == "rate_limited" and error["details"]["retry_after_s"] >= 1
     assert client.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {b.secret}"}
                        ).status_code == 404  # b's bucket is full
+
+
+def test_kiln_serve_prints_the_first_admin_key_once(tmp_path: Path) -> None:
+    import requests
+
+    def serve() -> tuple[str, str | None, subprocess.Popen[str]]:
+        env = {**os.environ, "KILN_DATA_DIR": str(tmp_path / "data")}
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-worker",
+                                 "--port", "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        key = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if found := re.search(r"created an admin API key, shown only now: (\S+)", line):
+                key = found.group(1)
+            if found := re.search(r"serving on (http://\S+)", line):
+                return found.group(1), key, proc
+        raise AssertionError("kiln serve printed no URL")
+
+    url, key, proc = serve()
+    try:
+        assert key and key.startswith("kiln_")
+        assert requests.get(f"{url}/api/v1/jobs", timeout=10).status_code == 401
+        assert requests.get(f"{url}/api/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                            timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    url, again, proc = serve()  # the second start makes no key and prints none
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert again is None
