@@ -9,7 +9,7 @@ from spectree import Response as Resp
 from spectree import SpecTree
 from sqlalchemy import func, select
 
-from service import engine_cache, job_events, jobs, uploads
+from service import api_keys, engine_cache, job_events, jobs, uploads
 from service.auth import caller, require_admin
 from service.downloads import artifact_response
 from service.errors import KilnError, NotFound
@@ -101,6 +101,8 @@ def get_model(model_id: str) -> Response:
                                           HTTP_404=Error, HTTP_503=Error), tags=["jobs"])
 def submit_job(json: JobRequest) -> tuple[Response, int]:
     """Submit a compile job; answered from the cache (200) or queued/joined (202)."""
+    with services().db.session() as s:
+        api_keys.limit_submissions(s, caller().key_hash)
     result = jobs.submit(services(), caller().owner, json.model_dump(exclude_none=False))
     if result.status == "cached":
         assert result.engine is not None

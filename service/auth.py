@@ -1,5 +1,8 @@
 """API keys with a role. Without configured keys Kiln is single-user: everyone is the admin.
 
+Keys come from ``KILN_API_KEYS`` and from the database (``service.api_keys``); both are
+looked up by ``resolve_key_hash``, the one place a presented key becomes a caller.
+
 Users see only their own models, jobs and engines; admins see everything. The key travels in
 ``Authorization: Bearer <key>`` (or ``X-API-Key``).
 """
@@ -9,8 +12,9 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from flask import current_app, g, request
+from flask import current_app, g, request, session
 
+from service import api_keys
 from service.errors import KilnError
 
 
@@ -18,6 +22,8 @@ from service.errors import KilnError
 class Caller:
     owner: str
     role: str
+    key_hash: str | None = None  # sha256 of the key presented; None for the local admin
+    key_id: str | None = None  # the database key's id; None for KILN_API_KEYS keys
 
     @property
     def is_admin(self) -> bool:
@@ -32,21 +38,45 @@ class Caller:
 LOCAL = Caller("local", "admin")
 
 
+def resolve_key_hash(key_hash: str) -> Caller | None:
+    """The caller a key (given by its sha256) stands for, or None: unknown or revoked."""
+    services = current_app.extensions["kiln"]
+    for key, (owner, role) in services.settings.api_keys.items():
+        if hmac.compare_digest(api_keys.hash_key(key), key_hash):
+            return Caller(owner, role, key_hash)
+    with services.db.session() as s:
+        row = api_keys.verify_hash(s, key_hash)
+        return Caller(row.owner, row.role, key_hash, row.id) if row else None
+
+
+def resolve_key(given: str) -> Caller | None:
+    return resolve_key_hash(api_keys.hash_key(given)) if given else None
+
+
+def keys_configured() -> bool:
+    services = current_app.extensions["kiln"]
+    if services.settings.api_keys:
+        return True
+    with services.db.session() as s:
+        return api_keys.any_keys(s)
+
+
 def authenticate() -> Caller:
-    keys: dict[str, tuple[str, str]] = current_app.extensions["kiln"].settings.api_keys
-    if not keys:
+    if not keys_configured():
         return LOCAL
     header = request.headers.get("Authorization", "")
     given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else (
         request.headers.get("X-API-Key", ""))
+    found = resolve_key(given) if given else None
     if not given and request.blueprint == "dashboard":
-        # Browsers cannot send headers: the read-only admin pages take the key from a cookie.
-        given = request.cookies.get("kiln_key", "")
-    for key, (owner, role) in keys.items():
-        if given and hmac.compare_digest(given.encode(), key.encode()):
-            return Caller(owner, role)
-    raise KilnError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
-                    401)
+        # Browsers cannot send headers: the dashboard's signed session holds the hash of a key
+        # that was checked at sign-in (never the key itself), and is checked again here.
+        key_hash = session.get("key_hash")
+        found = resolve_key_hash(key_hash) if isinstance(key_hash, str) else None
+    if found is None:
+        raise KilnError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
+                        401)
+    return found
 
 
 def caller() -> Caller:

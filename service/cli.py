@@ -14,6 +14,7 @@ import click
 
 from kiln import __version__
 from kiln.cli import add_commands
+from service import keys_cli
 from service.settings import Settings
 
 
@@ -21,6 +22,9 @@ from service.settings import Settings
 @click.version_option(__version__, prog_name="kiln")
 def main() -> None:
     """Kiln: compile torch.export programs into engines, and reuse them."""
+
+
+main.add_command(keys_cli.keys)
 
 
 @main.group()
@@ -93,6 +97,8 @@ def serve(host: str, port: int, data_dir: str | None, no_worker: bool, backends:
     configure_logging(settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
+    if first_key := keys_cli.first_admin_key(settings):
+        click.echo(f"first start: created an admin API key, shown only now: {first_key}")
     env = {**os.environ, **settings.to_env()}
     argv = [sys.executable, "-m", "workers", "--name", "local"]
     if backends:

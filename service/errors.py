@@ -35,7 +35,10 @@ class NotFound(KilnError):
 
 
 def error_response(err: KilnError) -> tuple[Response, int]:
-    return jsonify(err.to_dict()), err.status
+    response = jsonify(err.to_dict())
+    if err.status == 429:  # rate limited: say when to come back (RFC 9110 Retry-After)
+        response.headers["Retry-After"] = str(err.details.get("retry_after_s", 1))
+    return response, err.status
 
 
 def register_error_handlers(app: Flask) -> None:

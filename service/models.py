@@ -153,6 +153,8 @@ class Worker(Base):
     current_job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Set by an admin (dashboard "drain"): the worker finishes its job and takes no more.
+    drain_requested_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Submission(Base):
@@ -189,3 +191,47 @@ class HousekeepingTask(Base):
     # Evicted engines or collected blobs, and their bytes, since the deployment began.
     items_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class ApiKey(Base):
+    """An API key made with ``kiln keys create`` or the dashboard. Only its sha256 is stored:
+    the key is 256 random bits, so a fast hash is enough (nothing to brute-force) and a lookup
+    is one indexed equality, not a scan of slow hashes."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters, to recognise a key
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(255), default="")
+    created_by: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class RateBucket(Base):
+    """A token bucket per API key (by key hash, so keys from KILN_API_KEYS have one too)."""
+
+    __tablename__ = "rate_buckets"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class AuditEntry(Base):
+    """One action taken from the dashboard or the CLI: who, what, on what, when, from where."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(100), index=True)
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    object_type: Mapped[str] = mapped_column(String(20))
+    object_id: Mapped[str] = mapped_column(String(255))
+    remote_addr: Mapped[str] = mapped_column(String(64), default="")
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -67,6 +67,29 @@ def enforce_budget(services: Services, budget_bytes: int, grace_s: int | None = 
     return EvictionReport(evicted, total, after)
 
 
+def evict(services: Services, engine_id: str) -> EvictionReport:
+    """Evict one engine now (an operator's choice), the way ``enforce_budget`` evicts: jobs
+    keep their record, the blob goes after the commit unless another row still uses it.
+    Pinned engines are refused: unpin first."""
+    from service.errors import KilnError, NotFound
+
+    with services.db.session() as s:
+        engine = s.get(Engine, engine_id)
+        if engine is None:
+            raise NotFound("engine", engine_id)
+        if engine.pinned:
+            raise KilnError("engine_pinned", f"engine {engine_id} is pinned: unpin it first", 409)
+        total = int(s.scalar(select(func.coalesce(func.sum(Engine.size), 0))) or 0)
+        s.execute(update(Job).where(Job.engine_id == engine.id).values(engine_id=None))
+        uri, size = engine.artifact_uri, engine.size
+        s.delete(engine)
+        s.flush()
+        still_used = s.scalar(select(func.count()).where(Engine.artifact_uri == uri))
+    if not still_used:
+        services.store.delete(uri)
+    return EvictionReport([engine_id], total, total - size)
+
+
 @dataclass
 class CollectedPage:
     removed: list[str]

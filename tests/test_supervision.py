@@ -14,7 +14,7 @@ from pathlib import Path
 
 import requests
 
-from service.client import KilnClient
+from kiln.client import KilnClient
 from tests.conftest import ROOT
 
 PROFILE = [{"name": "x", "min": [1, 2, 8], "opt": [4, 16, 8], "max": [8, 64, 8]},

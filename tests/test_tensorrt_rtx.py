@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from service.client import KilnAPIError
+from kiln.client import KilnAPIError
 from service.db import Database
 from service.models import Engine
 from tests.conftest import make_settings, running_kiln

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from flask import Flask
 from service import housekeeping, worker_registry
 from service.celery_app import BUILD_TASK, declare_queues
 from service.logging_setup import job_context, outcome_level
+from service.models import Worker
 from service.services import Services
 from workers.cxx_compiler import compiler_env
 
@@ -80,10 +82,19 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     queues = sorted({t["queue"] for t in found["targets"]})
     host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid()}
 
+    drained = threading.Event()
+
     def heartbeat() -> None:
         with services.db.session() as s:
             worker_registry.heartbeat(s, worker_id, socket.gethostname(), found["targets"],
                                       host)
+            row = s.get(Worker, worker_id)
+            draining = row is not None and row.drain_requested_at is not None
+        if draining and not drained.is_set():
+            # Drained from the dashboard: Celery's warm shutdown finishes the job, takes no more.
+            drained.set()
+            log.warning("drain requested: finishing the current job, then stopping")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     # Queues first, then the worker row: the API publishes only to targets of live workers,
     # so every queue it publishes to exists by then.
@@ -103,5 +114,6 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     finally:
         stop.set()
         stop_housekeeping.set()
-        with services.db.session() as s:
-            worker_registry.forget(s, worker_id)
+        if not drained.is_set():  # a drained worker's row stays: the workers page shows it
+            with services.db.session() as s:
+                worker_registry.forget(s, worker_id)

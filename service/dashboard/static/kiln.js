@@ -2,6 +2,14 @@
 // The page is fetched again and <main> replaced in place, so the scroll position stays and a
 // build log that was scrolled to its end follows new lines. Refreshing stops when the new page
 // no longer asks for it (the job finished). Without JavaScript a <noscript> meta refresh runs.
+// Action forms with data-confirm ask first.
+document.addEventListener("submit", function (event) {
+  var form = event.target;
+  if (form.dataset && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+    event.preventDefault();
+  }
+});
+
 (function () {
   "use strict";
   var main = document.getElementById("main");

@@ -1,7 +1,7 @@
 """housekeeping leases: one process per deployment runs each periodic task
 
 Revision ID: 0006_housekeeping
-Revises: 0005
+Revises: 0006_dashboard
 Create Date: 2026-12-01 16:00:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006_housekeeping"
-down_revision = "0005"
+down_revision = "0006_dashboard"
 branch_labels = None
 depends_on = None
 

@@ -72,18 +72,25 @@ class Bar:
 
 
 def bar_chart(bars: Sequence[Bar], *, unit: str = "", width: int = 640, height: int = 200,
-              max_labels: int = 12, label: str = "bar chart") -> Markup:
-    left, right, top, bottom = 40, 8, 16, 20
+              max_labels: int = 12, label: str = "bar chart", x_title: str = "",
+              y_title: str = "", scale: tuple[float, float] | None = None) -> Markup:
+    """Stacked bars. A bucket with data is a bar however few the data: a lone bar with its
+    ``note`` (a count) reads as "one bucket of n", where a lone dot on a line reads as nothing.
+    """
+    left, right, top, bottom = 40 + (16 if y_title else 0), 8, 16, 20 + (16 if x_title else 0)
     plot_w, plot_h = width - left - right, height - top - bottom
-    ymax, ystep = nice_scale(max((sum(v for _, v in b.segments) for b in bars), default=0))
+    ymax, ystep = scale or nice_scale(max((sum(v for _, v in b.segments) for b in bars),
+                                          default=0))
     body = _y_axis(ymax, ystep, unit, left, top, plot_w, plot_h)
+    body += _titles(x_title, y_title, width, height, left, top, plot_w, plot_h)
     if not bars:
         return svg(width, height, [*body, _empty(width, height)], label)
-    step = plot_w / len(bars)
+    # A few bars stay bar-sized (one build is not a wall of colour), drawn from the left.
+    step = min(plot_w / len(bars), 48.0)
     gap = min(step * 0.2, 6)
     every = math.ceil(len(bars) / max_labels)
     for i, bar in enumerate(bars):
-        x, y = left + i * step + gap / 2, top + plot_h
+        x, y = left + i * step + gap / 2, float(top + plot_h)
         rects = []
         for name, value in bar.segments:
             h = plot_h * value / ymax
@@ -98,9 +105,23 @@ def bar_chart(bars: Sequence[Bar], *, unit: str = "", width: int = 640, height: 
             body.append(tag("text", bar.note, x=x + (step - gap) / 2, y=y - 3,
                             text_anchor="middle", class_="note"))
         if bar.label and i % every == 0:
-            body.append(tag("text", bar.label, x=x + (step - gap) / 2, y=height - 5,
-                            text_anchor="middle"))
+            body.append(tag("text", bar.label, x=x + (step - gap) / 2,
+                            y=top + plot_h + 15, text_anchor="middle"))
     return svg(width, height, body, label)
+
+
+def _titles(x_title: str, y_title: str, width: int, height: int, left: int, top: int,
+            plot_w: float, plot_h: float) -> list[Markup]:
+    """Axis titles: what the x axis counts in, and what the y axis measures."""
+    out = []
+    if x_title:
+        out.append(tag("text", x_title, x=left + plot_w / 2, y=height - 3, text_anchor="middle",
+                       class_="axis-title"))
+    if y_title:
+        cy = top + plot_h / 2
+        out.append(tag("text", y_title, x=11, y=cy, text_anchor="middle", class_="axis-title",
+                       transform=f"rotate(-90 11 {_num(cy)})"))
+    return out
 
 
 def _y_axis(ymax: float, step: float, unit: str, left: int, top: int, plot_w: float,
@@ -125,15 +146,16 @@ def _empty(width: int, height: int) -> Markup:
 def line_chart(points: Sequence[tuple[str, float | None]], *,
                scale: tuple[float, float] | None = None, unit: str = "", name: str = "line",
                width: int = 640, height: int = 160, max_labels: int = 12,
-               label: str = "line chart") -> Markup:
+               label: str = "line chart", x_title: str = "", y_title: str = "") -> Markup:
     """A line through the points; a None value leaves a gap (nothing to measure there).
 
     ``scale`` fixes the y axis as (top, step), e.g. (100, 25) for percentages.
     """
-    left, right, top, bottom = 40, 8, 10, 20
+    left, right, top, bottom = 40 + (16 if y_title else 0), 8, 10, 20 + (16 if x_title else 0)
     plot_w, plot_h = width - left - right, height - top - bottom
     ymax, ystep = scale or nice_scale(max((v for _, v in points if v is not None), default=0))
     body = _y_axis(ymax, ystep, unit, left, top, plot_w, plot_h)
+    body += _titles(x_title, y_title, width, height, left, top, plot_w, plot_h)
     if not any(v is not None for _, v in points):
         return svg(width, height, [*body, _empty(width, height)], label)
     step = plot_w / len(points)
@@ -142,7 +164,7 @@ def line_chart(points: Sequence[tuple[str, float | None]], *,
     for i, (text, value) in enumerate(points):
         x = left + step * (i + 0.5)
         if text and i % every == 0:
-            body.append(tag("text", text, x=x, y=height - 5, text_anchor="middle"))
+            body.append(tag("text", text, x=x, y=top + plot_h + 15, text_anchor="middle"))
         if value is None:
             runs.append([])
             continue

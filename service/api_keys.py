@@ -1,0 +1,135 @@
+"""API keys stored in the database: create (shown once), list, revoke, verify; and a per-key
+rate limit on job submission.
+
+A key is ``kiln_`` + 43 characters of ``secrets.token_urlsafe(32)`` (256 random bits). Only its
+sha256 is stored. bcrypt/argon2 exist to slow down guessing *low-entropy* passwords from a
+leaked hash; nobody can enumerate 2**256 keys however fast the hash, and a slow hash would cost
+every API request tens of milliseconds and rule out looking the key up by an indexed equality.
+
+The rate limit is a token bucket per key in the database (``rate_buckets``), not in process
+memory (flask-limiter's default): every API process and every restart sees the same bucket, on
+SQLite and PostgreSQL alike, with no extra server. Updates are compare-and-swap on the row, so
+concurrent submissions cannot both spend the last token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.errors import KilnError, NotFound
+from service.models import ApiKey, RateBucket, utcnow
+
+ROLES = ("user", "admin")
+PREFIX = "kiln_"
+# Job submissions: a burst of SUBMIT_BURST, refilled at SUBMIT_PER_MINUTE.
+SUBMIT_BURST = 30
+SUBMIT_PER_MINUTE = 30.0
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewKey:
+    row: ApiKey
+    secret: str  # shown once; only its hash is kept
+
+
+def create(session: Session, owner: str, role: str, note: str = "", created_by: str = ""
+           ) -> NewKey:
+    owner = owner.strip()
+    if role not in ROLES:
+        raise KilnError("bad_role", f"role must be one of {', '.join(ROLES)}, got {role!r}",
+                        details={"role": role})
+    if not owner or len(owner) > 100 or not owner.isprintable():
+        raise KilnError("bad_owner", "owner must be 1-100 printable characters",
+                        details={"owner": owner[:120]})
+    secret = PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(key_hash=hash_key(secret), prefix=secret[:12], owner=owner, role=role,
+                 note=note[:255], created_by=created_by, created_at=utcnow())
+    session.add(row)
+    session.flush()
+    return NewKey(row, secret)
+
+
+def list_keys(session: Session, include_revoked: bool = True) -> list[ApiKey]:
+    q = select(ApiKey).order_by(ApiKey.created_at.desc())
+    if not include_revoked:
+        q = q.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(q))
+
+
+def revoke(session: Session, key_id: str) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound("api key", key_id)
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def verify(session: Session, given: str) -> ApiKey | None:
+    """The live key row for the presented key, or None (unknown or revoked)."""
+    return verify_hash(session, hash_key(given)) if given else None
+
+
+def verify_hash(session: Session, key_hash: str) -> ApiKey | None:
+    row = session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
+    if row is None or row.revoked_at is not None:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+        row.last_used_at = now  # at most once a minute: no write per request
+    return row
+
+
+def any_keys(session: Session) -> bool:
+    return session.scalars(select(ApiKey.id).limit(1)).first() is not None
+
+
+def take_token(session: Session, key_hash: str, burst: int = SUBMIT_BURST,
+               per_minute: float = SUBMIT_PER_MINUTE, now: datetime | None = None) -> None:
+    """Spend one submission token of this key, or raise 429 with the seconds until the next."""
+    rate = per_minute / 60.0
+    for _ in range(5):
+        now = now or utcnow()
+        row = session.get(RateBucket, key_hash, populate_existing=True)
+        if row is None:
+            try:
+                with session.begin_nested():
+                    session.add(RateBucket(key_hash=key_hash, tokens=burst - 1.0,
+                                           updated_at=now))
+                return
+            except IntegrityError:
+                continue  # created concurrently: read it
+        elapsed = max((now - row.updated_at).total_seconds(), 0.0)
+        tokens = min(float(burst), row.tokens + elapsed * rate)
+        if tokens < 1.0:
+            wait = math.ceil((1.0 - tokens) / rate)
+            raise KilnError("rate_limited", f"too many job submissions for this key: at most "
+                            f"{burst} at once and {per_minute:g} a minute; retry in {wait} s",
+                            429, {"retry_after_s": wait, "burst": burst,
+                                  "per_minute": per_minute})
+        swapped = session.execute(update(RateBucket).where(
+            RateBucket.key_hash == key_hash, RateBucket.updated_at == row.updated_at,
+            RateBucket.tokens == row.tokens).values(tokens=tokens - 1.0, updated_at=now))
+        if swapped.rowcount == 1:  # type: ignore[attr-defined]
+            return
+        now = None
+    raise KilnError("rate_limited", "too many concurrent job submissions for this key", 429,
+                    {"retry_after_s": 1})
+
+
+def limit_submissions(session: Session, key_hash: str | None) -> None:
+    """The submit handler's rate limit; the local admin of single-user mode has none."""
+    if key_hash is not None:
+        take_token(session, key_hash)
