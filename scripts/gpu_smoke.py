@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from service.client import KilnAPIError, KilnClient  # noqa: E402
+from kiln.client import KilnAPIError, KilnClient  # noqa: E402
 
 START = time.monotonic()
 # A worker's first start on a host probes its toolchains and tries each C++ compiler with a
