@@ -24,6 +24,8 @@ from flask import Flask
 from service import jobs, store_budget, worker_registry
 from service.celery_app import declare_queues, publish_build
 from service.services import Services
+from workers.sandbox import SandboxUnavailable, warn_unsandboxed
+from workers.tasks import worker_sandbox
 
 log = logging.getLogger("kiln.worker")
 
@@ -82,13 +84,21 @@ def housekeeping(services: Services) -> None:
 def run_worker(app: Flask, name: str | None = None, backends: str = "",
                loglevel: str = "INFO") -> None:
     services: Services = app.extensions["kiln"]
+    # Builds run untrusted programs: no sandbox, no worker (unless the operator said so).
+    try:
+        sandbox = worker_sandbox()
+    except SandboxUnavailable as exc:
+        raise SystemExit(f"refusing to start: {exc}") from None
+    if sandbox == "off":
+        warn_unsandboxed("this worker")
     celery = celery_init_app(app)
     found = probe_host(backends)
     if not found["targets"]:
         raise SystemExit(f"this host can build nothing: {found['unavailable']}")
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"
     queues = sorted({t["queue"] for t in found["targets"]})
-    host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid()}
+    host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid(),
+            "sandbox": sandbox}
 
     def heartbeat() -> None:
         with services.db.session() as s:
