@@ -215,7 +215,9 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
             args += ["--dev-bind", node, node]
         # CUDA reads the PCI topology and NUMA nodes from sysfs; read-only.
         args += ["--ro-bind", "/sys", "/sys"]
-    for path in hidden:
+    for path in sorted(set(hidden)):
+        if any(p != path and _under(path, p) for p in hidden):
+            continue  # inside another hidden path: already covered
         # The data directory (database, programs, engines) and a local artifact store may
         # lie under a bound root (the default data dir is ./.kiln in the project): cover
         # them with an empty tmpfs. Outside every bound root they do not exist in here.
@@ -225,6 +227,9 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
         # The work dir, at its own path (so a process listing names the job): the one
         # writable place on disk, holding the program, request.json and what the child writes.
         "--bind", str(workdir), str(workdir),
+        # bwrap's root is a tmpfs holding the mount points made above (/etc, /work, ...):
+        # read-only, so nothing can be planted there either.
+        "--remount-ro", "/",
         "--chdir", str(workdir),
         "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",  # noqa: S108  (as above)
         "--setenv", IN_SANDBOX_ENV, "1",

@@ -56,9 +56,11 @@ RETRYABLE = {"signal", "memory", "timeout", "exit"}
 OUTCOME_CODES = {"signal": "build_crashed", "memory": "build_memory_limit",
                  "timeout": "build_timeout", "log_limit": "build_log_limit",
                  "processes": "build_process_limit"}
-# Bounds on what the child hands back. The engine bound is also the child's RLIMIT_FSIZE.
+# Bounds on what the child hands back, and on any file it writes (RLIMIT_FSIZE: the compiler's
+# intermediate files, packaging copies).
 MAX_ENGINE_BYTES = 16 * 1024**3
 MAX_RESULT_BYTES = 4 * 1024**2
+MAX_CHILD_FILE_BYTES = 32 * 1024**3
 # The command that runs the child; tests swap in hostile children.
 CHILD_ARGV: list[str] | None = None
 
@@ -151,7 +153,7 @@ def hidden_paths(services: Services) -> list[Path]:
 def build_limits(services: Services, device: str) -> Limits:
     settings = services.settings
     return Limits(timeout_s=settings.build_timeout_s, memory_mb=settings.build_memory_mb,
-                  file_bytes=MAX_ENGINE_BYTES + 2**30,
+                  file_bytes=MAX_CHILD_FILE_BYTES,
                   address_space_bytes=(cpu_address_space_cap(settings.build_memory_mb)
                                        if device == "cpu" else None))
 
