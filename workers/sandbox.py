@@ -39,7 +39,7 @@ log = logging.getLogger("kiln.sandbox")
 
 # Variables the child may see. Everything else (database and broker URLs, cloud keys, API
 # keys) stays with the worker: the child loads an untrusted program.
-_ALLOWED = ("PATH", "LANG", "LC_ALL", "USER", "CC", "CXX", "LD_LIBRARY_PATH",
+_ALLOWED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "CC", "CXX", "LD_LIBRARY_PATH",
             "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH", "VIRTUAL_ENV",
             "KILN_AOTI_CXX", "KILN_FAULT_INJECT")
 _ALLOWED_PREFIXES = ("TORCH", "TORCHINDUCTOR_", "TRITON_", "NVIDIA_", "OMP_", "MKL_",
@@ -245,6 +245,8 @@ class Outcome:
     reason: str | None
     message: str
     peak_rss_mb: float
+    # The largest address space of one process in the tree: what RLIMIT_AS must allow.
+    peak_vm_mb: float = 0.0
 
 
 @dataclass
@@ -289,14 +291,17 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return [proc]
 
 
-def _tree_rss(tree: list[psutil.Process]) -> int:
-    total = 0
+def _tree_memory(tree: list[psutil.Process]) -> tuple[int, int]:
+    """(resident bytes of the whole tree, largest address space of one process)."""
+    total = vm = 0
     for p in tree:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += info.rss
+        vm = max(vm, info.vms)
+    return total, vm
 
 
 def _kill_group(popen: subprocess.Popen[bytes]) -> None:
@@ -354,12 +359,15 @@ def _supervise(popen: subprocess.Popen[bytes], tail: LogTail, limits: Limits,
                on_tick: Callable[[], bool], tick_s: float) -> Outcome:
     proc = psutil.Process(popen.pid)
     start = last_tick = time.monotonic()
-    peak = 0
+    peak = peak_vm = 0
     limit = limits.memory_mb * 2**20
+
+    def ended(code: int | None, reason: str | None, message: str) -> Outcome:
+        return Outcome(code, reason, message, peak / 2**20, peak_vm / 2**20)
 
     def killed(reason: str, message: str) -> Outcome:
         _kill_group(popen)
-        return Outcome(popen.returncode, reason, message, peak / 2**20)
+        return ended(popen.returncode, reason, message)
 
     while popen.poll() is None:
         time.sleep(0.2)
@@ -371,8 +379,8 @@ def _supervise(popen: subprocess.Popen[bytes], tail: LogTail, limits: Limits,
         if len(tree) > limits.processes:
             return killed("processes", f"build started {len(tree)} processes, over the "
                           f"limit of {limits.processes}; killed")
-        rss = _tree_rss(tree)
-        peak = max(peak, rss)
+        rss, vm = _tree_memory(tree)
+        peak, peak_vm = max(peak, rss), max(peak_vm, vm)
         if rss > limit:
             return killed("memory", f"build used {rss / 2**20:.0f} MB, over the limit of "
                           f"{limits.memory_mb} MB; killed")
@@ -390,19 +398,18 @@ def _supervise(popen: subprocess.Popen[bytes], tail: LogTail, limits: Limits,
     except (ProcessLookupError, PermissionError):
         pass
     if tail.total > limits.log_bytes:
-        return Outcome(code, "log_limit", f"build printed over {limits.log_bytes // 2**20} "
-                       "MiB of output, the log limit; killed", peak / 2**20)
+        return ended(code, "log_limit", f"build printed over {limits.log_bytes // 2**20} "
+                     "MiB of output, the log limit; killed")
     if code < 0 or code > 128 and code - 128 in _SIGNALS:
         # Without the sandbox the child's death is a negative code; bwrap reports a killed
         # child as 128 + the signal number.
         name = signal.Signals(-code if code < 0 else code - 128).name
         detail = {"SIGSEGV": " (segmentation fault)", "SIGXCPU": " (CPU time limit)",
                   "SIGXFSZ": " (file size limit)"}.get(name, "")
-        return Outcome(code, "signal", f"build process crashed: killed by {name}{detail}",
-                       peak / 2**20)
+        return ended(code, "signal", f"build process crashed: killed by {name}{detail}")
     if code != 0:
-        return Outcome(code, "exit", f"build process exited with status {code}", peak / 2**20)
-    return Outcome(0, None, "", peak / 2**20)
+        return ended(code, "exit", f"build process exited with status {code}")
+    return ended(0, None, "")
 
 
 _SIGNALS = {int(s) for s in signal.Signals}

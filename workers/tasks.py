@@ -226,6 +226,8 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
                             tick_s=min(2.0, settings.lease_s / 3), hidden=hidden_paths(services),
                             sandbox=sandbox, argv=CHILD_ARGV, phase_prefix=PHASE_PREFIX)
         timings["child_s"] = round(time.perf_counter() - t0, 3)
+        tail.write(f"kiln: child peak memory {outcome.peak_rss_mb:.0f} MB resident, "
+                   f"{outcome.peak_vm_mb:.0f} MB address space\n")
         if outcome.reason == "cancelled":
             return "cancelled"
         if outcome.reason is not None or not (workdir / "result.json").exists():
