@@ -208,6 +208,7 @@ def test_a_flood_of_output_is_capped_and_the_child_killed(tmp_path: Path) -> Non
 # ---- the build task, with hostile children -------------------------------------------------
 
 TARGET = Target("aoti", "cpu", "x86_64-test", "torch=test")
+ONNX_TARGET = Target("onnx", "cpu", "x86_64-test", "onnx=test")
 PROFILE = [{"name": "x", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32], "max": [8, 3, 32, 32]}]
 
 
@@ -217,19 +218,23 @@ def kiln(tmp_path: Path) -> Iterator[Services]:
     upgrade(settings.database_url)
     services = Services(settings)
     with services.db.session() as s:
-        worker_registry.heartbeat(s, "w1", "host", [{**TARGET.as_dict(), "toolchain": {},
-                                                    "queue": worker_registry.queue_name(TARGET)}],
-                                  {})
+        worker_registry.heartbeat(s, "w1", "host", [
+            {**t.as_dict(), "toolchain": {}, "queue": worker_registry.queue_name(t)}
+            for t in (TARGET, ONNX_TARGET)], {})
     yield services
+    for spare in list(tasks._spares.values()):
+        spare.discard()
+    tasks._spares.clear()
     services.db.dispose()
 
 
-def _submit(services: Services, program: Path, reuse: str = "exact") -> str:
+def _submit(services: Services, program: Path, reuse: str = "exact", backend: str = "aoti",
+            options: dict[str, Any] | None = None) -> str:
     with open(program, "rb") as f:
         model, _ = save_upload(services, "alice", f, program.name)
-    return jobs.submit(services, "alice", {"model_id": model.id, "backend": "aoti",
+    return jobs.submit(services, "alice", {"model_id": model.id, "backend": backend,
                                            "device": "cpu", "inputs": PROFILE,
-                                           "reuse": reuse}).job.id
+                                           "reuse": reuse, "options": options or {}}).job.id
 
 
 def _child_writing(result: dict[str, Any], setup: str = "") -> list[str]:
@@ -430,3 +435,49 @@ def test_worker_with_the_sandbox_off_warns_and_announces_it(tmp_path: Path) -> N
     finally:
         stop_process(proc)
         db.dispose()
+
+
+# ---- the warm spare ------------------------------------------------------------------------
+
+def _overhead(timings: dict[str, float]) -> float:
+    """Seconds of the child's life that were not loading, building or validating: starting
+    the sandbox and the interpreter and importing torch and the toolchain."""
+    return timings["child_s"] - sum(timings.get(k, 0.0)
+                                    for k in ("load_s", "build_s", "validate_s"))
+
+
+def _child_pid_ns(bwrap_pid: int) -> str:
+    """The pid namespace of the interpreter bubblewrap started (bwrap itself is outside)."""
+    inner = psutil.Process(bwrap_pid).children(recursive=True)[-1]
+    return os.readlink(f"/proc/{inner.pid}/ns/pid")
+
+
+def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
+        kiln: Services, programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    options = {"optimize": False}
+    cold = _submit(kiln, programs["convnet"], backend="onnx", options=options)
+    assert tasks.run_build(kiln, cold, "w1").startswith("succeeded")
+    cold_job, _ = _outcome(kiln, cold)
+    monkeypatch.setenv("KILN_WARM_SPARE", "on")
+    tasks.prepare_spare(kiln, "cpu")
+    spare = tasks._spares["cpu"]
+    deadline = time.monotonic() + 120
+    while "KILN-SPARE-READY" not in spare.tail.text() and time.monotonic() < deadline:
+        assert spare.alive(), spare.tail.text()
+        time.sleep(0.2)
+    first_ns = _child_pid_ns(spare.popen.pid)
+    first_dir = spare.workdir
+    warm = _submit(kiln, programs["convnet"], reuse="never", backend="onnx", options=options)
+    assert tasks.run_build(kiln, warm, "w1").startswith("succeeded")
+    warm_job, _ = _outcome(kiln, warm)
+    assert "warm spare" in warm_job.log and "sandbox: bubblewrap" in warm_job.log
+    print(f"child start-up overhead: cold {_overhead(cold_job.timings):.2f} s, "
+          f"warm spare {_overhead(warm_job.timings):.2f} s")
+    assert _overhead(warm_job.timings) < _overhead(cold_job.timings)
+    # Discarded after its build and replaced by a fresh one: new work dir, new namespaces.
+    assert not first_dir.exists()
+    again = tasks._spares["cpu"]
+    assert again.workdir != first_dir and again.alive()
+    assert _child_pid_ns(again.popen.pid) != first_ns

@@ -25,7 +25,7 @@ from service import jobs, store_budget, worker_registry
 from service.celery_app import declare_queues, publish_build
 from service.services import Services
 from workers.sandbox import SandboxUnavailable, warn_unsandboxed
-from workers.tasks import worker_sandbox
+from workers.tasks import prepare_spare, worker_sandbox
 
 log = logging.getLogger("kiln.worker")
 
@@ -109,6 +109,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     # so every queue it publishes to exists by then.
     declare_queues(celery, queues)
     heartbeat()
+    prepare_spare(services, found["targets"][0]["device"])  # KILN_WARM_SPARE=on only
     for t in found["targets"]:
         log.warning("serving %s/%s/%s toolchain %s on queue %s", t["backend"], t["device"],
                     t["arch"], t["toolchain_id"], t["queue"])

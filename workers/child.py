@@ -176,9 +176,46 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+SPARE_FLAG = "--spare"
+SPARE_READY = "KILN-SPARE-READY"
+SPARE_GO = b"go\n"
+
+
+def warm_up() -> None:
+    """What every build pays before it starts, paid while the worker is idle: import torch,
+    the backends, the loader and validation, and export and run a tiny built-in program (a
+    trusted one: nothing of any job is here yet)."""
+    import torch
+
+    import workers.backends  # noqa: F401
+    import workers.program_guard  # noqa: F401
+    import workers.validation  # noqa: F401
+    from workers.backends import get_backend
+
+    for name in ("aoti", "onnx"):
+        try:
+            get_backend(name)
+        except Exception:  # a backend this host lacks is not the spare's problem
+            pass
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(x) + 1
+
+    tiny = torch.export.export(Tiny(), (torch.randn(2, 4),))
+    tiny.module()(torch.randn(2, 4))
+
+
 def main() -> None:
     die_with_parent()
     workdir = Path(sys.argv[1])
+    if SPARE_FLAG in sys.argv[2:]:
+        # A warm spare: ready now, and it waits for its job. The worker writes the program
+        # and request.json into this work dir, then sends one line; limits start then.
+        warm_up()
+        print(SPARE_READY, flush=True)
+        if sys.stdin.buffer.readline() != SPARE_GO:
+            os._exit(0)  # the worker discarded this spare
     phase("building")
     result = run(workdir)
     tmp = workdir / "result.json.tmp"

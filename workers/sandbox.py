@@ -318,16 +318,45 @@ def _pump(stream: object, tail: LogTail, phase_prefix: bytes) -> None:
         tail.feed(chunk, phase_prefix)
 
 
-def run_child(workdir: Path, tail: LogTail, limits: Limits, on_tick: Callable[[], bool],
-              tick_s: float = 2.0, env: Mapping[str, str] | None = None,
-              hidden: Sequence[Path] = (), sandbox: str = "bubblewrap",
-              argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ") -> Outcome:
-    """Run ``python -m workers.child WORKDIR`` (or ``argv``) in the sandbox.
+@dataclass
+class Child:
+    """A started build child: its process (bubblewrap, or the interpreter when the sandbox is
+    off), its work dir, and the output it has printed so far."""
 
-    ``on_tick`` returning False cancels it. ``hidden`` are paths the child must not see even
-    where they lie under a bound root. ``sandbox="off"`` runs it without bubblewrap (warned).
+    popen: subprocess.Popen[bytes]
+    workdir: Path
+    tail: LogTail
+    reader: threading.Thread
+    device: str = ""  # for a spare: the device its rlimits were chosen for
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def close(self) -> None:
+        self.reader.join(timeout=10)
+        for stream in (self.popen.stdout, self.popen.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def discard(self) -> None:
+        _kill_group(self.popen)
+        self.close()
+
+
+def spawn_child(workdir: Path, limits: Limits, env: Mapping[str, str] | None = None,
+                hidden: Sequence[Path] = (), sandbox: str = "bubblewrap",
+                argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ",
+                spare: bool = False, tail: LogTail | None = None) -> Child:
+    """Start ``python -m workers.child WORKDIR`` (or ``argv``) in the sandbox.
+
+    ``hidden`` are paths the child must not see even where they lie under a bound root. A
+    ``spare`` child warms up and then waits on its stdin for :func:`finish_child`'s go.
     """
-    command = list(argv or [sys.executable, "-m", "workers.child", str(workdir)])
+    command = list(argv or [sys.executable, "-m", "workers.child", str(workdir),
+                            *(["--spare"] if spare else [])])
     caps = limits.rlimits()
     if sandbox == "off":
         warn_unsandboxed(f"build in {workdir.name}")
@@ -338,21 +367,43 @@ def run_child(workdir: Path, tail: LogTail, limits: Limits, on_tick: Callable[[]
         for which, value in caps:
             resource.setrlimit(which, (value, value))
 
-    popen = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL,
+    popen = subprocess.Popen(command, cwd=workdir,
+                             stdin=subprocess.PIPE if spare else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              env=child_env({**(env or {}),
                                             **({IN_SANDBOX_ENV: "1"} if sandbox != "off"
                                                else {})}),
                              start_new_session=True, preexec_fn=apply_rlimits)
+    tail = tail if tail is not None else LogTail()
     reader = threading.Thread(target=_pump, args=(popen.stdout, tail, phase_prefix.encode()),
                               daemon=True)
     reader.start()
+    return Child(popen, workdir, tail, reader)
+
+
+def finish_child(child: Child, limits: Limits, on_tick: Callable[[], bool],
+                 tick_s: float = 2.0) -> Outcome:
+    """Supervise ``child`` to its end under ``limits``; a spare is told to start first, so
+    its time limit starts now, not when it was spawned."""
     try:
-        return _supervise(popen, tail, limits, on_tick, tick_s)
+        if child.popen.stdin is not None:
+            try:
+                child.popen.stdin.write(b"go\n")
+                child.popen.stdin.close()
+            except BrokenPipeError:
+                pass  # it died while idle: supervision reports how
+        return _supervise(child.popen, child.tail, limits, on_tick, tick_s)
     finally:
-        reader.join(timeout=10)
-        if popen.stdout is not None:
-            popen.stdout.close()
+        child.close()
+
+
+def run_child(workdir: Path, tail: LogTail, limits: Limits, on_tick: Callable[[], bool],
+              tick_s: float = 2.0, env: Mapping[str, str] | None = None,
+              hidden: Sequence[Path] = (), sandbox: str = "bubblewrap",
+              argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ") -> Outcome:
+    """Start a build child and supervise it to its end; ``on_tick`` False cancels it."""
+    child = spawn_child(workdir, limits, env, hidden, sandbox, argv, phase_prefix, tail=tail)
+    return finish_child(child, limits, on_tick, tick_s)
 
 
 def _supervise(popen: subprocess.Popen[bytes], tail: LogTail, limits: Limits,

@@ -40,12 +40,14 @@ from service.targets import BACKENDS
 from workers.child import PHASE_PREFIX
 from workers.contracts import BuildRequest, ChildResult
 from workers.sandbox import (
+    Child,
     Limits,
     LogTail,
     SandboxUnavailable,
     cpu_address_space_cap,
-    run_child,
+    finish_child,
     sandbox_mode,
+    spawn_child,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ MAX_RESULT_BYTES = 4 * 1024**2
 MAX_CHILD_FILE_BYTES = 32 * 1024**3
 # The command that runs the child; tests swap in hostile children.
 CHILD_ARGV: list[str] | None = None
+# KILN_WARM_SPARE=on: while idle, the worker keeps one sandboxed child that has already
+# imported torch and the toolchain, waiting for the next job (one per worker process).
+_spares: dict[str, Child] = {}
 
 
 class ChildOutputRefused(KilnError):
@@ -177,8 +182,10 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
     attempt = job.attempts
     _set_current_job(services, worker_id, job_id)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.scratch_dir))
-    tail = LogTail(keep=jobs.LOG_LIMIT)
+    spare = _take_spare(job.device)
+    workdir = spare.workdir if spare else Path(
+        tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.scratch_dir))
+    tail = spare.tail if spare else LogTail(keep=jobs.LOG_LIMIT)
     timings: dict[str, float] = {"queued_s": round(queued_s, 3)}
 
     def fail(code: str, message: str, retryable: bool) -> str:
@@ -214,7 +221,7 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
         (workdir / "request.json").write_text(request.model_dump_json())
         timings["fetch_s"] = round(time.perf_counter() - t0, 3)
         tail.write(f"kiln: job {job_id} attempt {attempt} on {worker_id} "
-                   f"(sandbox: {sandbox})\n")
+                   f"(sandbox: {sandbox}{', warm spare' if spare else ''})\n")
 
         def tick() -> bool:
             with services.db.session() as s:
@@ -222,9 +229,12 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
                                   status=tail.phase or "building", log_text=tail.text())
 
         t0 = time.perf_counter()
-        outcome = run_child(workdir, tail, build_limits(services, job.device), tick,
-                            tick_s=min(2.0, settings.lease_s / 3), hidden=hidden_paths(services),
-                            sandbox=sandbox, argv=CHILD_ARGV, phase_prefix=PHASE_PREFIX)
+        limits = build_limits(services, job.device)
+        child = spare or spawn_child(workdir, limits, hidden=hidden_paths(services),
+                                     sandbox=sandbox, argv=CHILD_ARGV,
+                                     phase_prefix=PHASE_PREFIX, tail=tail)
+        spare = None  # from here on it is this job's child
+        outcome = finish_child(child, limits, tick, tick_s=min(2.0, settings.lease_s / 3))
         timings["child_s"] = round(time.perf_counter() - t0, 3)
         tail.write(f"kiln: child peak memory {outcome.peak_rss_mb:.0f} MB resident, "
                    f"{outcome.peak_vm_mb:.0f} MB address space\n")
@@ -249,8 +259,47 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
         except ChildOutputRefused as exc:
             return fail(exc.code, exc.message, retryable=False)
     finally:
+        if spare is not None:  # claimed for a job that failed before its build started
+            spare.discard()
         _set_current_job(services, worker_id, None)
         shutil.rmtree(workdir, ignore_errors=True)
+        prepare_spare(services, job.device)
+
+
+def warm_spare_enabled() -> bool:
+    return os.environ.get("KILN_WARM_SPARE", "off").strip().lower() == "on"
+
+
+def prepare_spare(services: Services, device: str) -> None:
+    """Start the next build's child now (fresh sandbox, fresh work dir), if enabled."""
+    if not warm_spare_enabled() or CHILD_ARGV is not None or device in _spares:
+        return
+    try:
+        sandbox = worker_sandbox()
+    except SandboxUnavailable:
+        return
+    services.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="spare-", dir=services.settings.scratch_dir))
+    child = spawn_child(workdir, build_limits(services, device), hidden=hidden_paths(services),
+                        sandbox=sandbox, phase_prefix=PHASE_PREFIX, spare=True,
+                        tail=LogTail(keep=jobs.LOG_LIMIT))
+    child.device = device
+    _spares[device] = child
+
+
+def _take_spare(device: str) -> Child | None:
+    """The spare for this device, if one is alive; spares for other devices are dropped (its
+    rlimits were chosen for its device)."""
+    found = _spares.pop(device, None)
+    for other in list(_spares):
+        dropped = _spares.pop(other)
+        dropped.discard()
+        shutil.rmtree(dropped.workdir, ignore_errors=True)
+    if found is not None and not found.alive():
+        found.discard()
+        shutil.rmtree(found.workdir, ignore_errors=True)
+        return None
+    return found
 
 
 def _swap_base(services: Services, job: Job) -> Engine | None:
