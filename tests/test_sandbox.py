@@ -139,6 +139,26 @@ def test_hostile_child_sees_nothing_of_the_worker_and_writes_nowhere(
     assert (data_dir / "kiln.db").read_text() == SECRET
 
 
+def test_a_database_file_under_a_bound_root_reads_empty(tmp_path: Path) -> None:
+    """An SQLite database kept in the project directory (bound read-only for Kiln's code)."""
+    db = ROOT / f".kiln-sandbox-{uuid.uuid4().hex}.db"
+    db.write_text(SECRET)
+    try:
+        source = textwrap.dedent('''
+            import json, sys
+            try:
+                seen = open(sys.argv[1]).read()
+            except OSError as exc:
+                seen = type(exc).__name__
+            print("REPORT " + json.dumps({"db": seen}))
+        ''')
+        outcome, tail = _run(tmp_path, source, str(db), hidden=(db,))
+        # Covered by a device node on a nodev mount: opening it is refused.
+        assert _report(tail)["db"] in ("", "PermissionError")
+    finally:
+        db.unlink()
+
+
 def test_the_host_services_the_probe_could_not_reach_are_really_there() -> None:
     """Control for the network check above: from the worker, the ports answer."""
     for port in (5432, 6379):

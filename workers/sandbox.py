@@ -221,8 +221,12 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
         # The data directory (database, programs, engines) and a local artifact store may
         # lie under a bound root (the default data dir is ./.kiln in the project): cover
         # them with an empty tmpfs. Outside every bound root they do not exist in here.
-        if any(_under(path, r) for r in [*_toolchain_roots(), Path("/usr")]):
+        if not any(_under(path, r) for r in [*_toolchain_roots(), Path("/usr")]):
+            continue
+        if path.is_dir():
             args += ["--tmpfs", str(path)]
+        elif path.exists():  # a file (an SQLite database elsewhere): an empty one over it
+            args += ["--ro-bind", "/dev/null", str(path)]
     args += [
         # The work dir, at its own path (so a process listing names the job): the one
         # writable place on disk, holding the program, request.json and what the child writes.

@@ -151,7 +151,8 @@ def hidden_paths(services: Services) -> list[Path]:
     if isinstance(services.store, LocalArtifactStore):
         paths.append(services.store.root.resolve())
     if settings.database_url.startswith("sqlite:///"):
-        paths.append(Path(settings.database_url.removeprefix("sqlite:///")).resolve().parent)
+        db = Path(settings.database_url.removeprefix("sqlite:///")).resolve()
+        paths += [db, *(db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal"))]
     return paths
 
 
