@@ -313,8 +313,9 @@ os.symlink({db!r}, "engine.pt2")
 
 
 @pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink_to_db", "directory",
-                                  "sparse_10gb", "wrong_suffix", "nan_timing", "huge_timing",
-                                  "negative_timing", "result_symlink", "result_huge"])
+                                  "sparse_10gb", "header_injection", "wrong_suffix",
+                                  "nan_timing", "huge_timing", "negative_timing",
+                                  "result_symlink", "result_huge"])
 def test_hostile_results_are_refused_and_nothing_is_downloadable(
         case: str, kiln: Services, programs: dict[str, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,8 +333,11 @@ def test_hostile_results_are_refused_and_nothing_is_downloadable(
     elif case == "sparse_10gb":
         monkeypatch.setattr(tasks, "MAX_ENGINE_BYTES", 2**30)
         setup = "import os\nf = open('engine.pt2', 'wb')\nos.ftruncate(f.fileno(), 10 * 10**9)"
-    elif case == "wrong_suffix":
+    elif case == "header_injection":
         result["artifact"] = 'engine.pt2"\r\nX-Evil: 1'
+    elif case == "wrong_suffix":
+        setup = "open('engine.sh', 'wb').write(b'engine')"
+        result["artifact"] = "engine.sh"
     elif case.endswith("_timing"):
         value = {"nan": float("nan"), "huge": 1e308, "negative": -1.0}[case.split("_")[0]]
         text = json.dumps({**result, "timings": {"build_s": value}})

@@ -131,6 +131,13 @@ def read_child_result(workdir: Path) -> ChildResult:
                                  + "; ".join(problems), problems=problems) from None
 
 
+def engine_suffixes(backend: str) -> tuple[str, ...]:
+    """File suffixes an engine of ``backend`` may have; the stored suffix is one of these,
+    never a string the child made up. AOTInductor's swappable-weights engines are a zip of
+    the compiled package and its weights."""
+    return (str(BACKENDS[backend]["suffix"]), *((".zip",) if backend == "aoti" else ()))
+
+
 def _set_current_job(services: Services, worker_id: str, job_id: str | None) -> None:
     with services.db.session() as s:
         row = s.get(Worker, worker_id)
@@ -315,10 +322,12 @@ def _store_engine(services: Services, job: Job, model: Model, attempt: int, work
                   workdir: Path, result: ChildResult, timings: dict[str, float],
                   log_text: str) -> str:
     t0 = time.perf_counter()
-    suffix = str(BACKENDS[job.backend]["suffix"])
-    if result.artifact is None or not result.artifact.endswith(suffix):
+    allowed = engine_suffixes(job.backend)
+    suffix = next((x for x in allowed if (result.artifact or "").endswith(x)), None)
+    if result.artifact is None or suffix is None:
         raise ChildOutputRefused(f"the build child's artifact {result.artifact!r} does not "
-                                 f"end in {suffix}, the {job.backend} engine suffix")
+                                 f"end in {' or '.join(allowed)}, the {job.backend} engine "
+                                 "suffixes")
     fd, st = open_child_file(workdir, result.artifact, MAX_ENGINE_BYTES)
     try:
         sha256 = _sha256_fd(fd)  # the worker's own hash, never one the child reports
