@@ -400,6 +400,8 @@ def test_real_aoti_build_through_the_sandbox(kiln: Services, programs: dict[str,
     job, engines = _outcome(kiln, job_id)
     assert job.status == "succeeded", (said, job.error_message, job.log[-3000:])
     assert "sandbox: bubblewrap" in job.log
+    print(next(line for line in job.log.splitlines() if "child peak memory" in line),
+          job.timings)
     engine = engines[0]
     assert engine.validation["passed"] is True and engine.validation_status == "passed"
     assert set(engine.validation["shapes"]) == {"min", "opt", "max", "random1", "random2"}
