@@ -8,16 +8,39 @@ from flask import Flask, Response, g, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 from prometheus_client import Counter, Histogram
 from sqlalchemy import text
+from werkzeug.exceptions import HTTPException
 
 from service import metrics as kiln_metrics
 from service.api import api, spec
 from service.db import check_schema
-from service.errors import register_error_handlers
+from service.errors import KilnError
 from service.services import Services
 from service.settings import Settings
 
 REQUESTS = Counter("kiln_http_requests_total", "HTTP requests", ["endpoint", "status"])
 LATENCY = Histogram("kiln_http_request_seconds", "HTTP request latency", ["endpoint"])
+
+
+def error_response(err: KilnError) -> tuple[Response, int]:
+    return jsonify(err.to_dict()), err.status
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(KilnError)
+    def _kiln(err: KilnError) -> tuple[Response, int]:
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def _http(err: HTTPException) -> tuple[Response, int]:
+        code = (err.name or "http_error").lower().replace(" ", "_")
+        status = err.code or 500
+        return error_response(KilnError(code, err.description or err.name, status))
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception) -> tuple[Response, int]:
+        app.logger.exception("unhandled error")
+        # The message of an unexpected error may hold internals: never send it to clients.
+        return error_response(KilnError("internal_error", "internal server error", 500))
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from service import engine_cache, worker_registry
 from service.celery_app import publish_build
 from service.engine_cache import Target, digest
+from service.engine_record import EngineRecord
 from service.errors import KilnError, NotFound
 from service.models import ACTIVE_STATES, TERMINAL_STATES, Engine, Job, Model, Submission, utcnow
 from service.profiles import resolve_profile
@@ -192,8 +193,7 @@ def renew(session: Session, job_id: str, attempt: int, worker_id: str, lease_s: 
 
 
 def succeed(session: Session, job_id: str, attempt: int, worker_id: str,
-            engine_fields: dict[str, Any], timings: dict[str, float], log_text: str
-            ) -> Engine | None:
+            record: EngineRecord, timings: dict[str, float], log_text: str) -> Engine | None:
     """Record the engine and finish the job in one transaction; None if fenced off."""
     job = session.get(Job, job_id)
     if job is None or job.attempts != attempt or job.status not in ACTIVE_STATES:
@@ -203,8 +203,27 @@ def succeed(session: Session, job_id: str, attempt: int, worker_id: str,
         engine = Engine(cache_key=job.cache_key)
         session.add(engine)
     # reuse=never rebuilds an existing key: the new build replaces the stored one in place.
-    for name, value in engine_fields.items():
-        setattr(engine, name, value)
+    columns = record.columns()
+    engine.model_hash = columns["model_hash"]
+    engine.graph_hash = columns["graph_hash"]
+    engine.weights_hash = columns["weights_hash"]
+    engine.backend = columns["backend"]
+    engine.device = columns["device"]
+    engine.arch = columns["arch"]
+    engine.toolchain_id = columns["toolchain_id"]
+    engine.toolchain = columns["toolchain"]
+    engine.options = columns["options"]
+    engine.profile = columns["profile"]
+    engine.artifact_uri = columns["artifact_uri"]
+    engine.sha256 = columns["sha256"]
+    engine.size = columns["size"]
+    engine.build_seconds = columns["build_seconds"]
+    engine.build_report = columns["build_report"]
+    engine.validation = columns["validation"]
+    engine.benchmark = columns["benchmark"]
+    engine.validation_status = columns["validation_status"]
+    engine.validation_reason = columns["validation_reason"]
+    # The key columns are derived here and nowhere else.
     engine.options_hash = digest(engine.options)
     engine.profile_hash = digest(engine_cache.profile_shapes(engine.profile))
     engine.last_used_at = utcnow()

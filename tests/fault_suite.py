@@ -290,7 +290,7 @@ class WorkerProc:
     def build_children(self) -> list[psutil.Process]:
         try:
             return [p for p in psutil.Process(self.pid).children(recursive=True)
-                    if "workers.child" in " ".join(_cmdline(p))]
+                    if _is_build_child(_cmdline(p))]
         except psutil.Error:
             return []
 
@@ -333,6 +333,12 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
+def _is_build_child(cmd: list[str]) -> bool:
+    """The build child's interpreter itself, not the bubblewrap processes around it (their
+    command lines name workers.child too)."""
+    return cmd[1:3] == ["-m", "workers.child"]
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -355,7 +361,7 @@ def build_children_of_job(job_id: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if "workers.child" in cmd and any(f"/{job_id}-" in arg for arg in cmd):
+        if _is_build_child(cmd) and any(f"/{job_id}-" in arg for arg in cmd):
             if _alive(p):
                 found.append(p)
     return found

@@ -16,6 +16,7 @@ from service.db import upgrade
 from service.engine_cache import Target
 from service.services import Services
 from tests.conftest import export_two_inputs, make_settings
+from tests.factories import record_engine
 
 TARGET = Target("aoti", "cpu", "x86_64-test", "torch=test")
 KEYS = {"ka": ("alice", "user"), "kb": ("bob", "user"), "kr": ("root", "admin")}
@@ -42,12 +43,8 @@ def _build(services: Services, owner: str, model_id: str, profile: list[dict]) -
     with services.db.session() as s:
         model = jobs.get_model(s, model_id, None)
         claimed = jobs.claim(s, job.id, "w1", 60)
-        engine = jobs.succeed(s, job.id, claimed.attempts, "w1", {
-            "model_hash": model.model_hash, "graph_hash": model.graph_hash,
-            "weights_hash": model.weights_hash, "backend": "aoti", "device": "cpu",
-            "arch": TARGET.arch, "toolchain_id": TARGET.toolchain_id, "toolchain": {},
-            "options": job.options, "profile": job.profile, "artifact_uri": "file:///nowhere",
-            "sha256": "0" * 64, "size": 1, "build_seconds": 1.0}, {}, "")
+        engine = jobs.succeed(s, job.id, claimed.attempts, "w1", record_engine(model, job),
+                              {}, "")
         return engine.id
 
 

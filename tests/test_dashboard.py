@@ -27,6 +27,7 @@ from service.models import ApiKey, AuditEntry, Engine, Job, Model, Submission, W
 from service.services import Services
 from service.uploads import save_upload
 from tests.conftest import make_settings
+from tests.factories import record_engine
 
 TARGET = Target("aoti", "cpu", "x86_64-test", "torch=test")
 HOSTILE_NAME = "two<script>alert(1)</script>.pt2"
@@ -73,17 +74,12 @@ def _build(services: Services, job_id: str, slower_at: tuple[str, ...] = ()) -> 
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(b"engine-bytes")
         uri = services.store.put_file(blob, f"engines/{job.id}.so")
-        fields = {
-            "model_hash": model.model_hash, "graph_hash": model.graph_hash,
-            "weights_hash": model.weights_hash, "backend": job.backend, "device": job.device,
-            "arch": job.arch, "toolchain_id": job.toolchain_id,
-            "toolchain": {"torch": "test"}, "options": job.options, "profile": job.profile,
-            "artifact_uri": uri, "sha256": "0" * 64,
-            "size": 3 * 2**20, "build_seconds": TIMINGS["build_s"],
-            "build_report": {"torch": "test", "artifact_suffix": ".so"},
-            "validation": validation, "benchmark": benchmark,
-        }
-        engine = jobs.succeed(s, job.id, job.attempts, "w1", fields, TIMINGS, "built\n")
+        record = record_engine(
+            model, job, toolchain={"torch": "test"}, artifact_uri=uri,
+            size=3 * 2**20, build_seconds=TIMINGS["build_s"],
+            build_report={"torch": "test", "artifact_suffix": ".so"},
+            validation=validation, benchmark=benchmark)
+        engine = jobs.succeed(s, job.id, job.attempts, "w1", record, TIMINGS, "built\n")
         assert engine is not None
         return engine
 

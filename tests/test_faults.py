@@ -135,6 +135,10 @@ def test_cancel_kills_the_child_which_never_saw_credentials(kiln: Kiln, worker: 
     secrets = [*SECRETS.values(), kiln.settings.database_url, kiln.settings.broker_url]
     assert not [k for k, v in env.items() if any(s in v for s in secrets)]
     assert kiln.history.jobs([job_id])[job_id]["status"] in ("building", "validating")
+    # It runs in the sandbox: user, pid and network namespaces of its own.
+    for ns in ("user", "pid", "net"):
+        assert os.readlink(f"/proc/{child.pid}/ns/{ns}") != os.readlink(
+            f"/proc/{worker.pid}/ns/{ns}"), ns
 
     cancelled = kiln.client.cancel(job_id)
     assert cancelled["status"] == "cancelled"

@@ -28,6 +28,8 @@ from service.logging_setup import job_context, outcome_level
 from service.models import Worker
 from service.services import Services
 from workers.cxx_compiler import compiler_env
+from workers.sandbox import SandboxUnavailable, warn_unsandboxed
+from workers.tasks import prepare_spare, worker_sandbox
 
 log = logging.getLogger("kiln.worker")
 
@@ -73,6 +75,13 @@ def _every(interval: float, stop: threading.Event, fn: Any) -> None:
 def run_worker(app: Flask, name: str | None = None, backends: str = "",
                loglevel: str = "INFO") -> None:
     services: Services = app.extensions["kiln"]
+    # Builds run untrusted programs: no sandbox, no worker (unless the operator said so).
+    try:
+        sandbox = worker_sandbox()
+    except SandboxUnavailable as exc:
+        raise SystemExit(f"refusing to start: {exc}") from None
+    if sandbox == "off":
+        warn_unsandboxed("this worker")
     celery = celery_init_app(app)
     found = probe_host(backends)
     os.environ.update(compiler_env(found["host"].get("aoti_cxx")))  # for the build children
@@ -80,7 +89,8 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
         raise SystemExit(f"this host can build nothing: {found['unavailable']}")
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"
     queues = sorted({t["queue"] for t in found["targets"]})
-    host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid()}
+    host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid(),
+            "sandbox": sandbox}
 
     drained = threading.Event()
 
@@ -100,6 +110,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     # so every queue it publishes to exists by then.
     declare_queues(celery, queues)
     heartbeat()
+    prepare_spare(services, found["targets"][0]["device"])  # KILN_WARM_SPARE=on only
     for t in found["targets"]:
         log.warning("serving %s/%s/%s toolchain %s on queue %s", t["backend"], t["device"],
                     t["arch"], t["toolchain_id"], t["queue"])

@@ -1,9 +1,11 @@
 """The build child: load the program, build, validate, time. One process per job attempt.
 
-Started by ``workers.sandbox`` with no credentials in its environment and under time and
-memory limits. It talks to its parent only through files in its work directory
-(``request.json`` in, ``result.json`` and the engine out) and phase lines on stdout, so a crash
-here (a segfault in a compiler, an OOM kill) costs one attempt and never the worker.
+Started by ``workers.sandbox`` inside bubblewrap (its own user, pid and network namespaces,
+only its work directory writable), with no credentials in its environment and under time,
+memory and rlimit caps. It talks to its parent only through files in its work directory
+(``request.json`` in, ``result.json`` and the engine out, both typed by
+``workers.contracts``) and phase lines on stdout, so a crash here (a segfault in a compiler,
+an OOM kill) costs one attempt and never the worker.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from workers.contracts import BuildRequest, finite_or_none
+
 PHASE_PREFIX = "KILN-PHASE "
+IN_SANDBOX_ENV = "KILN_IN_SANDBOX"  # set by workers.sandbox; kept here so the child imports
+# nothing of the worker's supervision code
 
 
 def phase(name: str) -> None:
@@ -61,10 +67,10 @@ def run(workdir: Path) -> dict[str, Any]:
     from workers.program_guard import load_program
     from workers.validation import validate_and_time
 
-    req = json.loads((workdir / "request.json").read_text())
-    device = req["device"]
-    profile = [InputProfile(p["name"], p["dtype"], tuple(p["min"]), tuple(p["opt"]),
-                            tuple(p["max"])) for p in req["profile"]]
+    req = BuildRequest.model_validate_json((workdir / "request.json").read_text())
+    device = req.device
+    profile = [InputProfile(p.name, p.dtype, tuple(p.min), tuple(p.opt), tuple(p.max))
+               for p in req.profile]
     timings: dict[str, float] = {}
 
     def log(msg: str) -> None:
@@ -72,7 +78,7 @@ def run(workdir: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     try:
-        program = load_program(Path(req["program"]))
+        program = load_program(workdir / req.program)
     except KilnError as exc:
         return {"ok": False, "error": {"code": exc.code, "message": exc.message,
                                        "details": exc.details}, "timings": timings}
@@ -82,18 +88,18 @@ def run(workdir: Path) -> dict[str, Any]:
         program = move_to_device_pass(program, "cuda")
     timings["load_s"] = time.perf_counter() - t0
 
-    backend = get_backend(req["backend"])
+    backend = get_backend(req.backend)
     t0 = time.perf_counter()
     try:
-        if req.get("swap_from"):
+        if req.swap_from:
             if not isinstance(backend, WeightSwapper):
                 raise KilnError("unsupported_options",
-                                f"backend {req['backend']!r} cannot swap weights")
-            built = backend.swap_weights(Path(req["swap_from"]), program, workdir, log)
+                                f"backend {req.backend!r} cannot swap weights")
+            built = backend.swap_weights(workdir / req.swap_from, program, workdir, log)
             built.report["compile_seconds_saved"] = round(
-                float(req.get("swap_from_build_seconds", 0)) - (time.perf_counter() - t0), 3)
+                req.swap_from_build_seconds - (time.perf_counter() - t0), 3)
         else:
-            built = backend.build(program, profile, device, req["options"], workdir, log)
+            built = backend.build(program, profile, device, dict(req.options), workdir, log)
     except KilnError as exc:  # a refusal the backend explained: keep its code and details
         traceback.print_exc()
         return {"ok": False, "timings": timings, "error": {
@@ -101,7 +107,7 @@ def run(workdir: Path) -> dict[str, Any]:
     except Exception as exc:
         traceback.print_exc()
         return {"ok": False, "timings": timings, "error": {
-            "code": "build_failed", "message": f"{req['backend']} build failed: "
+            "code": "build_failed", "message": f"{req.backend} build failed: "
             f"{type(exc).__name__}: {str(exc)[:2000]}"}}
     timings["build_s"] = time.perf_counter() - t0
 
@@ -114,15 +120,14 @@ def run(workdir: Path) -> dict[str, Any]:
         return {"ok": True, "artifact": built.artifact.name, "timings": timings,
                 "build_report": {**built.report, "torch": torch.__version__},
                 "validation": {"status": "not_run", "reason": not_run, "checked_without_running":
-                               built.report.get("checked_without_running", [])},
-                "benchmark": {}, "validation_status": "not_run", "validation_reason": not_run}
+                               built.report.get("checked_without_running", [])}}
 
     phase("validating")
     t0 = time.perf_counter()
     try:
         runner = backend.load(built.artifact, device, profile)
         validation, benchmark = validate_and_time(program.module(), runner, profile, device,
-                                                  seed=int(req.get("seed", 0)))
+                                                  seed=req.seed)
     except Exception as exc:
         traceback.print_exc()
         return {"ok": False, "timings": timings, "error": {
@@ -132,7 +137,7 @@ def run(workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "ok": validation["passed"], "artifact": built.artifact.name, "timings": timings,
         "build_report": {**built.report, "torch": torch.__version__},
-        "validation": validation, "benchmark": benchmark,
+        "validation": _finite_metrics(validation), "benchmark": benchmark,
     }
     if not validation["passed"]:
         bad = [f"{label} output {o['output']}: {_why(o)}"
@@ -142,6 +147,17 @@ def run(workdir: Path) -> dict[str, Any]:
                            "message": "engine outputs differ from the program beyond "
                            f"tolerance: {'; '.join(bad[:5])}"}
     return result
+
+
+def _finite_metrics(validation: dict[str, Any]) -> dict[str, Any]:
+    """An engine that returns inf has an infinite error; the record keeps None there (the
+    output's ``nonfinite`` count says so), as result.json carries finite numbers only."""
+    for shape in validation.get("shapes", {}).values():
+        for output in shape.get("outputs", []):
+            for key in ("max_abs", "max_rel"):
+                if key in output:
+                    output[key] = finite_or_none(output[key])
+    return validation
 
 
 def _why(output: dict[str, Any]) -> str:
@@ -167,17 +183,57 @@ def die_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the worker died before the request above took effect
+    # In the sandbox the parent is bubblewrap, pid 1 of the namespace, which dies with the
+    # worker (--die-with-parent); outside it, a parent of 1 means the worker died before the
+    # request above took effect.
+    if os.getppid() == 1 and not os.environ.get(IN_SANDBOX_ENV):
         os._exit(1)
+
+
+SPARE_FLAG = "--spare"
+SPARE_READY = "KILN-SPARE-READY"
+SPARE_GO = b"go\n"
+
+
+def warm_up() -> None:
+    """What every build pays before it starts, paid while the worker is idle: import torch,
+    the backends, the loader and validation, and export and run a tiny built-in program (a
+    trusted one: nothing of any job is here yet)."""
+    import torch
+
+    import workers.backends  # noqa: F401
+    import workers.program_guard  # noqa: F401
+    import workers.validation  # noqa: F401
+    from workers.backends import get_backend
+
+    for name in ("aoti", "onnx"):
+        try:
+            get_backend(name)
+        except Exception:  # a backend this host lacks is not the spare's problem
+            pass
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(x) + 1
+
+    tiny = torch.export.export(Tiny(), (torch.randn(2, 4),))
+    tiny.module()(torch.randn(2, 4))
 
 
 def main() -> None:
     die_with_parent()
     workdir = Path(sys.argv[1])
+    if SPARE_FLAG in sys.argv[2:]:
+        # A warm spare: ready now, and it waits for its job. The worker writes the program
+        # and request.json into this work dir, then sends one line; limits start then.
+        warm_up()
+        print(SPARE_READY, flush=True)
+        if sys.stdin.buffer.readline() != SPARE_GO:
+            os._exit(0)  # the worker discarded this spare
     phase("building")
     result = run(workdir)
     tmp = workdir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, default=str))
+    tmp.write_text(json.dumps(result, default=str, allow_nan=False))
     tmp.replace(workdir / "result.json")
 
 
