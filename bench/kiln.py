@@ -29,9 +29,9 @@ from bench.common import (
     tail,
     throwaway_database,
 )
+from service.cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.client import KilnClient
 from service.db import Database, upgrade
-from service.engine_cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.models import Engine, Model, Worker, utcnow
 from service.profiles import resolve_profile
 from service.settings import Settings

@@ -1,7 +1,13 @@
-"""The Flask application factory."""
+"""The Flask application factory.
+
+Public without a key: ``/healthz`` and the OpenAPI document. ``/metrics`` needs an admin key or
+``KILN_METRICS_TOKEN``; everything under ``/api/v1`` needs a key (checked in ``service.api``
+before any body is read); the dashboard checks its own sign-in.
+"""
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from flask import Flask, Response, g, jsonify, request
@@ -9,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from sqlalchemy import text
 
 from service.api import api, spec
+from service.auth import presented_token, require_admin
 from service.db import check_schema
 from service.errors import register_error_handlers
 from service.services import Services
@@ -54,6 +61,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
+        # Job ids and per-endpoint counts are not for everyone: an admin key or the scrape token.
+        token = settings.metrics_token
+        given = presented_token()
+        if not (token and given and hmac.compare_digest(given.encode(), token.encode())):
+            require_admin()
         return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
 
     return app

@@ -8,9 +8,16 @@ because neither AOTInductor nor TensorRT's serialized-engine path checks it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.errors import KilnError
+
+# Bounds on what a profile may ask for, whatever the program allows: a dim fits a signed 32-bit
+# int (what the compilers index with), and one input at its max shape holds at most 2^34
+# elements (64 GiB of float32), far past any device. Larger numbers are refused, never queued.
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**34
 
 
 def _problem(errors: list[dict[str, Any]], code: str, message: str, **where: Any) -> None:
@@ -94,6 +101,17 @@ def resolve_profile(
                      f"input {name!r}: {', '.join(bad)} must be a list of non-negative ints",
                      input=name)
             continue
+        huge = [k for k, v in shapes.items() if any(d > MAX_DIM for d in v)]
+        if huge:
+            _problem(errors, "dim_too_large",
+                     f"input {name!r}: {', '.join(huge)} has a dim over {MAX_DIM}",
+                     input=name, limit=MAX_DIM)
+            continue
+        if math.prod(shapes["max"]) > MAX_ELEMENTS:
+            _problem(errors, "too_many_elements",
+                     f"input {name!r}: the max shape holds {math.prod(shapes['max'])} elements, "
+                     f"over the limit of {MAX_ELEMENTS}", input=name, limit=MAX_ELEMENTS)
+            continue
         rank = len(spec["shape"])
         if any(len(v) != rank for v in shapes.values()):
             _problem(errors, "rank_mismatch",
@@ -135,6 +153,37 @@ def resolve_profile(
     return [{"name": spec["name"], "dtype": spec["dtype"], "min": seen[spec["name"]]["min"],
              "opt": seen[spec["name"]]["opt"], "max": seen[spec["name"]]["max"]}
             for spec in signature]
+
+
+def complete_profile(signature: list[dict[str, Any]], partial: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """A full requested profile from shapes given for some inputs only (``covers=`` search).
+
+    An input not given takes the program's own range for each dim, except a dim that is the
+    same symbol as a dim of a given input, which takes that dim's min/opt/max. The result still
+    goes through ``resolve_profile``.
+    """
+    given = {p["name"]: p for p in partial}
+    by_symbol: dict[str, tuple[int, int, int]] = {}
+    for spec in signature:
+        item = given.get(spec["name"])
+        if item is None:
+            continue
+        for d, dim in enumerate(spec["shape"]):
+            if isinstance(dim, dict) and not dim.get("derived") and d < len(item["min"]) and \
+                    d < len(item["opt"]) and d < len(item["max"]):
+                by_symbol.setdefault(dim["symbol"], (item["min"][d], item["opt"][d],
+                                                     item["max"][d]))
+    out = list(partial)
+    missing = [spec for spec in signature if spec["name"] not in given]
+    if missing:
+        for spec, default in zip(missing, _default_profile(missing)):
+            lo, opt, hi = list(default["min"]), list(default["opt"]), list(default["max"])
+            for d, dim in enumerate(spec["shape"]):
+                if isinstance(dim, dict) and dim.get("symbol") in by_symbol:
+                    lo[d], opt[d], hi[d] = by_symbol[dim["symbol"]]
+            out.append({"name": spec["name"], "min": lo, "opt": opt, "max": hi})
+    return out
 
 
 def covers(stored: list[dict[str, Any]], requested: list[dict[str, Any]]) -> bool:

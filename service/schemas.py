@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.cache import CacheRequest
 from service.models import Engine, Job, Model, Worker
 
 
@@ -31,6 +32,16 @@ class JobRequest(BaseModel):
         None, description="Profile per input; omitted: the program's ranges, opt = example.")
     options: dict[str, Any] = Field(default_factory=dict)
     reuse: Literal["exact", "covering", "never"] = "covering"
+    accept_unvalidated: bool = Field(
+        False, description="Let engines whose validation did not run (no device to run them "
+        "on) serve the request; by default only validated engines do.")
+
+    def cache_request(self) -> CacheRequest:
+        return CacheRequest(
+            model_id=self.model_id, backend=self.backend, device=self.device, arch=self.arch,
+            toolchain=self.toolchain, options=self.options, reuse=self.reuse,
+            accept_unvalidated=self.accept_unvalidated,
+            inputs=None if self.inputs is None else [i.model_dump() for i in self.inputs])
 
 
 class EngineQuery(BaseModel):
@@ -38,8 +49,14 @@ class EngineQuery(BaseModel):
     model: str | None = Field(None, description="A model id or its model_hash / sha256.")
     backend: str | None = None
     device: str | None = None
-    covers: list[str] = Field(default_factory=list,
-                              description="NAME:MIN,MAX with shapes like 1x3x224x224")
+    covers: list[str] = Field(
+        default_factory=list,
+        description="NAME:MIN,MAX (or NAME:MIN,OPT,MAX) with shapes like 1x3x224x224: only "
+        "engines that would serve a job request for these shapes, best first. Needs `model`; "
+        "backend and device default to aoti and cpu as for a job.")
+    arch: str | None = None
+    toolchain: str | None = None
+    accept_unvalidated: bool = False
     limit: int = Field(50, ge=1, le=500)
 
 
@@ -93,7 +110,8 @@ def engine_json(engine: Engine) -> dict[str, Any]:
         "toolchain": engine.toolchain, "options": engine.options, "inputs": engine.profile,
         "sha256": engine.sha256, "size": engine.size, "build_seconds": engine.build_seconds,
         "build_report": engine.build_report, "validation": engine.validation,
-        "benchmark": engine.benchmark, "hits": engine.hits, "pinned": engine.pinned,
+        "benchmark": engine.benchmark, "validation_status": engine.validation_status,
+        "validation_reason": engine.validation_reason, "hits": engine.hits, "pinned": engine.pinned,
         "created_at": _ts(engine.created_at), "last_used_at": _ts(engine.last_used_at),
     }
 

@@ -18,9 +18,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service import dashboard_queries, jobs, worker_registry
+from service.cache import CacheRequest, Target
 from service.dashboard_charts import Axis, nice_scale, range_bar
 from service.db import upgrade
-from service.engine_cache import Target
 from service.models import Engine, Model, Submission
 from service.services import Services
 from service.uploads import save_upload
@@ -99,14 +99,15 @@ def world(app: Flask, programs: dict[str, Path]) -> World:
     with open(programs["two_inputs"], "rb") as f:
         model, _ = save_upload(services, "alice", f, HOSTILE_NAME)
     request = {"model_id": model.id, "backend": "aoti", "device": "cpu"}
-    first = jobs.submit(services, "alice", request)
+    first = jobs.submit(services, "alice", CacheRequest(**request))
     assert first.status == "queued"
     engine = _build(services, first.job.id, slower_at=("max",))
-    assert [jobs.submit(services, "alice", request).status for _ in range(2)] == ["cached"] * 2
+    hits = [jobs.submit(services, "alice", CacheRequest(**request)).status for _ in range(2)]
+    assert hits == ["cached"] * 2
     rebuild = {**request, "reuse": "never"}
-    second = jobs.submit(services, "alice", rebuild)
+    second = jobs.submit(services, "alice", CacheRequest(**rebuild))
     assert second.status == "queued"
-    assert jobs.submit(services, "alice", rebuild).status == "joined"
+    assert jobs.submit(services, "alice", CacheRequest(**rebuild)).status == "joined"
     with services.db.session() as s:
         claimed = jobs.claim(s, second.job.id, "w1", lease_s=60)
         assert jobs.renew(s, second.job.id, claimed.attempts, "w1", 60, log_text=HOSTILE_LOG)
