@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import io
+from typing import Any, BinaryIO, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from spectree import Response as Resp
@@ -80,8 +81,16 @@ def _authenticate_then_read_body() -> None:
                         f"send the body as JSON with Content-Type: application/json, not "
                         f"{request.mimetype or 'no content type'}", 400,
                         {"content_type": request.mimetype})
-    # Reads at most the limit (werkzeug answers 413 past it, also for a chunked body).
-    request.max_content_length = JSON_BODY_LIMIT
+    # Read at most limit + 1 bytes from the server's (de-chunked) input, so a chunked body is
+    # bounded too, and hand the handler those bytes.
+    raw = request.environ["wsgi.input"].read(
+        length if length is not None else JSON_BODY_LIMIT + 1)
+    if len(raw) > JSON_BODY_LIMIT:
+        raise KilnError("body_too_large", f"a JSON body may be at most {JSON_BODY_LIMIT} bytes",
+                        413, {"limit": JSON_BODY_LIMIT})
+    request.environ["wsgi.input"] = io.BytesIO(raw)
+    request.environ["CONTENT_LENGTH"] = str(len(raw))
+    request.environ.pop("wsgi.input_terminated", None)
     try:
         body = request.get_json()
     except RecursionError as exc:
@@ -123,7 +132,8 @@ def upload_model() -> tuple[Response, int]:
         stream, filename = upload.stream, upload.filename or "model.pt2"
     else:
         stream, filename = request.stream, request.args.get("filename", "model.pt2")
-    model, created = uploads.save_upload(services(), caller().owner, stream, filename)
+    model, created = uploads.save_upload(services(), caller().owner, cast(BinaryIO, stream),
+                                         filename)
     return jsonify(model_json(model)), 201 if created else 200
 
 

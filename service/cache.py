@@ -241,7 +241,7 @@ def explain_miss(session: Session, model_hash: str, graph_hash: str, weights_has
     for e in rows:
         if visible_model_hashes is not None and e.model_hash not in visible_model_hashes:
             continue
-        differs = []
+        differs: list[dict[str, Any]] = []
         if e.model_hash != model_hash:
             differs.append({"field": "weights" if e.weights_hash != weights_hash else "model",
                             "stored": e.weights_hash[:12], "requested": weights_hash[:12]})

@@ -80,7 +80,8 @@ def _layout() -> dict[str, Any]:
 @dashboard.route("/login", methods=["GET", "POST"])
 def login() -> Response | str:
     target = request.values.get("next", "")
-    if not target.startswith("/admin"):  # never redirect off the dashboard
+    # Never redirect off the dashboard, nor with control characters (CR/LF split headers).
+    if not target.startswith("/admin") or any(ord(ch) < 32 or ch == "\\" for ch in target):
         target = url_for("dashboard.overview")
     if not services().settings.api_keys:
         return redirect(target)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import CursorResult, Update, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -138,7 +138,7 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> Job | 
     if job is None or job.status != "queued":
         return None
     now = utcnow()
-    result = session.execute(
+    result = _execute(session,
         update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempts == job.attempts)
         .values(status="building", attempts=Job.attempts + 1, lease_owner=worker_id,
                 lease_expires_at=now + timedelta(seconds=lease_s), started_at=now,
@@ -149,7 +149,12 @@ def claim(session: Session, job_id: str, worker_id: str, lease_s: int) -> Job | 
     return job
 
 
-def _fenced(job_id: str, attempt: int, worker_id: str):  # type: ignore[no-untyped-def]
+def _execute(session: Session, statement: Any) -> CursorResult[Any]:
+    """An UPDATE's result, typed so its rowcount (the fence's verdict) type-checks."""
+    return cast(CursorResult[Any], session.execute(statement))
+
+
+def _fenced(job_id: str, attempt: int, worker_id: str) -> Update:
     return update(Job).where(Job.id == job_id, Job.attempts == attempt,
                              Job.lease_owner == worker_id, Job.status.in_(ACTIVE_STATES))
 
@@ -162,7 +167,7 @@ def renew(session: Session, job_id: str, attempt: int, worker_id: str, lease_s: 
         values["status"] = status
     if log_text is not None:
         values["log"] = log_text[-LOG_LIMIT:]
-    return session.execute(_fenced(job_id, attempt, worker_id).values(**values)).rowcount == 1
+    return _execute(session, _fenced(job_id, attempt, worker_id).values(**values)).rowcount == 1
 
 
 def succeed(session: Session, job_id: str, attempt: int, worker_id: str,
@@ -237,7 +242,7 @@ def sweep(session: Session, requeue_after_s: int) -> list[Job]:
         else:
             values = {"status": "queued", "enqueued_at": now, "error_code": "worker_lost",
                       "error_message": "the worker stopped renewing its lease; retrying"}
-        changed = session.execute(update(Job).where(
+        changed = _execute(session, update(Job).where(
             Job.id == job.id, Job.attempts == job.attempts, Job.status == job.status,
         ).values(lease_owner=None, lease_expires_at=None, **values)).rowcount
         if changed and values["status"] == "queued":

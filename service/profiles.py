@@ -25,9 +25,11 @@ def _problem(errors: list[dict[str, Any]], code: str, message: str, **where: Any
 
 
 def _default_profile(signature: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    profile, errors = [], []
+    profile: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     for spec in signature:
-        lo, hi = [], []
+        lo: list[int] = []
+        hi: list[int] = []
         for dim_index, dim in enumerate(spec["shape"]):
             if isinstance(dim, int):
                 lo.append(dim)
@@ -74,7 +76,7 @@ def resolve_profile(
     seen: dict[str, dict[str, Any]] = {}
     for item in requested:
         name = item.get("name")
-        if name not in by_name:
+        if not isinstance(name, str) or name not in by_name:
             _problem(errors, "unknown_input",
                      f"input {name!r} is not an input of the program; its inputs are "
                      f"{list(by_name)}", input=name)
@@ -94,13 +96,14 @@ def resolve_profile(
             _problem(errors, "dtype_mismatch",
                      f"input {name!r} is {spec['dtype']} in the program, not {item['dtype']}",
                      input=name, expected=spec["dtype"], got=item["dtype"])
-        shapes = {k: item.get(k) for k in ("min", "opt", "max")}
-        bad = [k for k, v in shapes.items() if not _is_shape(v)]
+        given = {k: item.get(k) for k in ("min", "opt", "max")}
+        bad = [k for k, v in given.items() if not _is_shape(v)]
         if bad:
             _problem(errors, "bad_shape",
                      f"input {name!r}: {', '.join(bad)} must be a list of non-negative ints",
                      input=name)
             continue
+        shapes: dict[str, list[int]] = {k: list(v or []) for k, v in given.items()}
         huge = [k for k, v in shapes.items() if any(d > MAX_DIM for d in v)]
         if huge:
             _problem(errors, "dim_too_large",

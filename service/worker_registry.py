@@ -82,7 +82,7 @@ def forget_cached_targets() -> None:
 
 def live_targets_cached(session: Session, ttl_s: int) -> list[dict[str, Any]]:
     """``live_targets(session, ttl_s)`` (all backends), at most ``CACHE_S`` seconds old."""
-    key = (str(session.get_bind().url), ttl_s)
+    key = (str(session.get_bind().engine.url), ttl_s)
     now = time.monotonic()
     with _cached_lock:
         hit = _cached.get(key)
