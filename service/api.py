@@ -67,6 +67,9 @@ def _authenticate_then_read_body() -> None:
     """
     if request.endpoint not in PUBLIC_ENDPOINTS:
         caller()
+    if "\x00" in request.path or b"%00" in request.query_string:
+        # No id or name holds NUL, and PostgreSQL refuses it in text: say so, not a 500.
+        raise KilnError("invalid_request", "the path or query string contains a NUL byte", 400)
     if request.endpoint in STREAMED_BODIES or request.method in ("GET", "HEAD", "DELETE"):
         return
     length = request.content_length
@@ -251,8 +254,20 @@ def search_engines(query: EngineQuery) -> Response:
                tags=["engines"])
 def explain(query: JobRequest) -> Response:
     """Would this request be served from the cache? If not, why not."""
+    return _explain(query)
+
+
+@api.post("/engines/explain")
+@spec.validate(json=JobRequest, resp=Resp(HTTP_200=None, HTTP_400=Error, HTTP_404=Error),
+               tags=["engines"])
+def explain_job(json: JobRequest) -> Response:
+    """Explain for a full job request body (a profile does not fit a query string)."""
+    return _explain(json)
+
+
+def _explain(job: JobRequest) -> Response:
     with services().db.session() as s:
-        found = cache.resolve(s, query.cache_request(), caller().scope, _live_targets(s))
+        found = cache.resolve(s, job.cache_request(), caller().scope, _live_targets(s))
         return jsonify({"hit": found.engine is not None,
                         "engine_id": found.engine.id if found.engine else None,
                         "reason": found.reason, "misses": found.misses,

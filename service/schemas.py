@@ -4,18 +4,22 @@ shape of each resource."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.cache import CacheRequest
 from service.models import Engine, Job, Model, Worker
 
+# Identifiers and names a request carries into SQL: bounded, and without NUL (PostgreSQL
+# refuses it in text, which would otherwise surface as a 500).
+Name = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
+
 
 class InputShapes(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    dtype: str | None = Field(None, description="Optional; must match the program's dtype.")
+    name: Name
+    dtype: Name | None = Field(None, description="Optional; must match the program's dtype.")
     min: list[int]
     opt: list[int]
     max: list[int]
@@ -23,11 +27,11 @@ class InputShapes(BaseModel):
 
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model_id: str
-    backend: str = Field("aoti", description="aoti, onnx or tensorrt")
-    device: str = Field("cpu", description="cpu or cuda")
-    arch: str | None = Field(None, description="e.g. sm_90 or x86_64-avx512; default: any live")
-    toolchain: str | None = Field(None, description="A toolchain id; default: a live worker's.")
+    model_id: Name
+    backend: Name = Field("aoti", description="aoti, onnx or tensorrt")
+    device: Name = Field("cpu", description="cpu or cuda")
+    arch: Name | None = Field(None, description="e.g. sm_90 or x86_64-avx512; default: any live")
+    toolchain: Name | None = Field(None, description="A toolchain id; default: a live worker's.")
     inputs: list[InputShapes] | None = Field(
         None, description="Profile per input; omitted: the program's ranges, opt = example.")
     options: dict[str, Any] = Field(default_factory=dict)
@@ -46,16 +50,16 @@ class JobRequest(BaseModel):
 
 class EngineQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="A model id or its model_hash / sha256.")
-    backend: str | None = None
-    device: str | None = None
-    covers: list[str] = Field(
+    model: Name | None = Field(None, description="A model id or its model_hash / sha256.")
+    backend: Name | None = None
+    device: Name | None = None
+    covers: list[Name] = Field(
         default_factory=list,
         description="NAME:MIN,MAX (or NAME:MIN,OPT,MAX) with shapes like 1x3x224x224: only "
         "engines that would serve a job request for these shapes, best first. Needs `model`; "
         "backend and device default to aoti and cpu as for a job.")
-    arch: str | None = None
-    toolchain: str | None = None
+    arch: Name | None = None
+    toolchain: Name | None = None
     accept_unvalidated: bool = False
     limit: int = Field(50, ge=1, le=500)
 
