@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, insert, select, update
+from sqlalchemy import CursorResult, Update, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -104,7 +104,17 @@ def _record_hit(session: Session, owner: str, request: CacheRequest, model: Mode
 
     The increment is SQL (concurrent hits on one engine all count) and comes last, so the row
     lock it takes is held only for the commit that follows.
+
+    On PostgreSQL this one transaction commits without waiting for its WAL flush
+    (``synchronous_commit`` off, for this transaction only): the flush was 7-8 ms of every hit
+    here, more than everything else together. The hit and its submission row still commit
+    atomically and are visible to every reader at once, and a restart of Kiln loses none
+    (PostgreSQL holds them); only a crash of the database server itself may drop the hit
+    records of its last fraction of a second (at most 3 x wal_writer_delay), never a job or an
+    engine, whose transactions keep the server's setting.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     now = utcnow()
     session.execute(insert(Submission).values(
         owner=owner, model_id=model.id, backend=request.backend, device=request.device,

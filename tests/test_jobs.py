@@ -16,13 +16,13 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from service import jobs, worker_registry
 from service.cache import CacheRequest, Target
 from service.db import upgrade
 from service.errors import KilnError
-from service.models import TERMINAL_STATES, Job, utcnow
+from service.models import TERMINAL_STATES, Job, Submission, utcnow
 from service.services import Services
 from service.uploads import save_upload
 from tests.conftest import make_settings
@@ -214,14 +214,26 @@ def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_
             model_hash=s.get(jobs.Model, model_id).model_hash))
     barrier = threading.Barrier(20)
 
+    seen: list[int] = []
+
     def hit() -> None:
         barrier.wait()
-        assert jobs.submit(services, "alice", CacheRequest(**request)).status == "cached"
+        result = jobs.submit(services, "alice", CacheRequest(**request))
+        assert result.status == "cached" and result.engine is not None
+        seen.append(result.engine.hits)
 
     threads = [threading.Thread(target=hit) for _ in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with services.db.session() as s:
+    # Each answer saw its own increment: no two hits read the same count.
+    assert sorted(seen) == list(range(1, 21))
+    # A restart of the API (a fresh process's pool) reads every hit and its submission back.
+    services.db.dispose()
+    restarted = Services(services.settings)
+    with restarted.db.session() as s:
         assert s.get(jobs.Engine, engine_id).hits == 20
+        assert s.scalar(select(func.count()).select_from(Submission).where(
+            Submission.engine_id == engine_id, Submission.outcome == "cached")) == 20
+    restarted.db.dispose()
