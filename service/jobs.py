@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, insert, select, text, update
+from sqlalchemy import CursorResult, Update, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -113,14 +113,22 @@ def _record_hit(session: Session, owner: str, request: CacheRequest, model: Mode
     records of its last fraction of a second (at most 3 x wal_writer_delay), never a job or an
     engine, whose transactions keep the server's setting.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
     now = utcnow()
-    session.execute(insert(Submission).values(
+    record = insert(Submission).values(
         owner=owner, model_id=model.id, backend=request.backend, device=request.device,
-        outcome="cached", engine_id=engine.id, created_at=now))
-    hits = session.execute(update(Engine).where(Engine.id == engine.id).values(
-        hits=Engine.hits + 1, last_used_at=now).returning(Engine.hits)).scalar_one()
+        outcome="cached", engine_id=engine.id, created_at=now)
+    engines = Engine.__table__.c
+    # Core, not the ORM's bulk update: nothing in the session needs synchronising.
+    count = update(Engine.__table__).where(engines.id == engine.id).values(
+        hits=engines.hits + 1, last_used_at=now).returning(engines.hits)
+    if session.get_bind().dialect.name == "postgresql":
+        # One round trip for all three: the submission row (a data-modifying CTE), this
+        # transaction's commit mode, and the increment.
+        count = count.add_cte(record.cte("recorded")).where(
+            func.set_config("synchronous_commit", "off", True) == "off")
+    else:
+        session.execute(record)  # SQLite runs in-process: statements cost no round trip
+    hits = session.execute(count).scalar_one()
     # What the row now holds, without marking the object changed (no second UPDATE at commit).
     set_committed_value(engine, "hits", hits)
     set_committed_value(engine, "last_used_at", now)
