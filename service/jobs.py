@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, func, insert, select, update
+from sqlalchemy import CursorResult, Table, Update, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -117,9 +117,10 @@ def _record_hit(session: Session, owner: str, request: CacheRequest, model: Mode
     record = insert(Submission).values(
         owner=owner, model_id=model.id, backend=request.backend, device=request.device,
         outcome="cached", engine_id=engine.id, created_at=now)
-    engines = Engine.__table__.c
+    table = cast(Table, Engine.__table__)
+    engines = table.c
     # Core, not the ORM's bulk update: nothing in the session needs synchronising.
-    count = update(Engine.__table__).where(engines.id == engine.id).values(
+    count = update(table).where(engines.id == engine.id).values(
         hits=engines.hits + 1, last_used_at=now).returning(engines.hits)
     if session.get_bind().dialect.name == "postgresql":
         # One round trip for all three: the submission row (a data-modifying CTE), this
