@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import Select, and_, bindparam, select
 from sqlalchemy.orm import Session
 
 from service import queries
@@ -136,17 +136,38 @@ def _model_and_candidates(session: Session, request: CacheRequest, scope: str | 
                           options: dict[str, Any], toolchains: list[str] | None
                           ) -> tuple[Model, list[Engine]]:
     """The caller's model and the engines matching the indexed part of the key, in one query."""
-    on = and_(Engine.model_hash == Model.model_hash, Engine.backend == request.backend,
-              Engine.device == request.device, Engine.options_hash == digest(options),
-              *([Engine.arch == request.arch] if request.arch else []),
-              *([Engine.toolchain_id.in_(toolchains)] if toolchains is not None else []))
-    q = select(Model, Engine).outerjoin(Engine, on).where(Model.id == request.model_id)
-    if scope is not None:
-        q = q.where(Model.owner == scope)
-    rows = session.execute(q).all()
+    params: dict[str, Any] = {"model_id": request.model_id, "backend": request.backend,
+                              "device": request.device, "options_hash": digest(options),
+                              "arch": request.arch, "toolchains": toolchains, "owner": scope}
+    statement = _candidates_statement(bool(request.arch), toolchains is not None,
+                                      scope is not None)
+    rows = session.execute(statement, params).all()
     if not rows:
         raise NotFound("model", request.model_id)
     return rows[0][0], [engine for _, engine in rows if engine is not None]
+
+
+# Built once per shape and reused with bound values: building the expression cost more on a
+# cache hit than compiling it (which SQLAlchemy caches anyway). Statements are immutable.
+_CANDIDATES: dict[tuple[bool, bool, bool], Select[Any]] = {}
+
+
+def _candidates_statement(by_arch: bool, by_toolchain: bool, scoped: bool) -> Select[Any]:
+    key = (by_arch, by_toolchain, scoped)
+    statement = _CANDIDATES.get(key)
+    if statement is None:
+        on = and_(Engine.model_hash == Model.model_hash,
+                  Engine.backend == bindparam("backend"), Engine.device == bindparam("device"),
+                  Engine.options_hash == bindparam("options_hash"),
+                  *([Engine.arch == bindparam("arch")] if by_arch else []),
+                  *([Engine.toolchain_id.in_(bindparam("toolchains", expanding=True))]
+                    if by_toolchain else []))
+        statement = select(Model, Engine).outerjoin(Engine, on).where(
+            Model.id == bindparam("model_id"))
+        if scoped:
+            statement = statement.where(Model.owner == bindparam("owner"))
+        _CANDIDATES[key] = statement
+    return statement
 
 
 def _rank(hits: list[Engine], wanted: list[dict[str, Any]]) -> list[Engine]:

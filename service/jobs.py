@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, Update, func, insert, select, update
+from sqlalchemy import CursorResult, Table, Update, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -114,26 +114,39 @@ def _record_hit(session: Session, owner: str, request: CacheRequest, model: Mode
     engine, whose transactions keep the server's setting.
     """
     now = utcnow()
-    record = insert(Submission).values(
-        owner=owner, model_id=model.id, backend=request.backend, device=request.device,
-        outcome="cached", engine_id=engine.id, created_at=now)
-    table = cast(Table, Engine.__table__)
-    engines = table.c
-    # Core, not the ORM's bulk update: nothing in the session needs synchronising.
-    count = update(table).where(engines.id == engine.id).values(
-        hits=engines.hits + 1, last_used_at=now).returning(engines.hits)
-    if session.get_bind().dialect.name == "postgresql":
-        # One round trip for all three: the submission row (a data-modifying CTE), this
-        # transaction's commit mode, and the increment.
-        count = count.add_cte(record.cte("recorded")).where(
-            func.set_config("synchronous_commit", "off", True) == "off")
-    else:
-        session.execute(record)  # SQLite runs in-process: statements cost no round trip
-    hits = session.execute(count).scalar_one()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    values = {"hit_owner": owner, "hit_model_id": model.id, "hit_backend": request.backend,
+              "hit_device": request.device, "hit_engine_id": engine.id, "hit_now": now}
+    if not postgres:  # SQLite runs in-process: a second statement costs no round trip
+        session.execute(_HIT_STATEMENTS["record"], values)
+    hits = session.execute(_HIT_STATEMENTS["postgresql" if postgres else "count"],
+                           values).scalar_one()
     # What the row now holds, without marking the object changed (no second UPDATE at commit).
     set_committed_value(engine, "hits", hits)
     set_committed_value(engine, "last_used_at", now)
     return SubmitResult("cached", engine=engine, reason=reason)
+
+
+def _hit_statements() -> dict[str, Any]:
+    """The hit's statements, built once with bound values (building them cost more than
+    compiling: SQLAlchemy caches the compiled form)."""
+    record = insert(Submission).values(
+        owner=bindparam("hit_owner"), model_id=bindparam("hit_model_id"),
+        backend=bindparam("hit_backend"), device=bindparam("hit_device"), outcome="cached",
+        engine_id=bindparam("hit_engine_id"), created_at=bindparam("hit_now"))
+    table = cast(Table, Engine.__table__)
+    engines = table.c
+    # Core, not the ORM's bulk update: nothing in the session needs synchronising.
+    count = update(table).where(engines.id == bindparam("hit_engine_id")).values(
+        hits=engines.hits + 1, last_used_at=bindparam("hit_now")).returning(engines.hits)
+    # PostgreSQL: one round trip for all three - the submission row (a data-modifying CTE),
+    # this transaction's commit mode, and the increment.
+    postgresql = count.add_cte(record.cte("recorded")).where(
+        func.set_config("synchronous_commit", "off", True) == "off")
+    return {"record": record, "count": count, "postgresql": postgresql}
+
+
+_HIT_STATEMENTS = _hit_statements()
 
 
 def cancel(services: Services, job_id: str, owner: str | None) -> Job:
