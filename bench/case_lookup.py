@@ -29,7 +29,7 @@ from bench.common import (
     wrk,
 )
 from bench.kiln import KilnStack, ensure_programs, kiln_stack, synthetic_target
-from service.engine_cache import Target, cache_key, digest, profile_shapes
+from service.cache import Target, cache_key, digest, profile_shapes
 from service.models import Engine, Model, utcnow
 from service.targets import normalize_options
 

@@ -30,8 +30,8 @@ from bench.common import (
     throwaway_database,
 )
 from kiln.client import KilnClient
+from service.cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.db import Database, upgrade
-from service.engine_cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.models import Engine, Model, Worker, utcnow
 from service.profiles import resolve_profile
 from service.settings import Settings

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+import io
+from typing import Any, BinaryIO, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from spectree import Response as Resp
 from spectree import SpecTree
-from sqlalchemy import func, select
+from werkzeug.exceptions import BadRequest
 
-from service import api_keys, engine_cache, job_events, jobs, uploads
+from service import api_keys, cache, job_events, jobs, queries, uploads, worker_registry
 from service.auth import caller, require_admin
-from service.downloads import artifact_response
-from service.errors import KilnError, NotFound
-from service.models import Engine, Job, Model, utcnow
-from service.profiles import covers, resolve_profile
+from service.cache import CacheRequest
+from service.downloads import artifact_response, download_name
+from service.errors import KilnError
+from service.models import utcnow
+from service.profiles import complete_profile
 from service.schemas import (
     EngineQuery,
     Error,
@@ -25,8 +27,7 @@ from service.schemas import (
     worker_json,
 )
 from service.services import Services
-from service.targets import BACKENDS, normalize_options
-from service.worker_registry import live_workers
+from service.targets import BACKENDS
 
 
 def _before(req: Any, resp: Any, err: Exception | None, instance: Any, adapter: Any) -> None:
@@ -49,14 +50,77 @@ def services() -> Services:
     return current_app.extensions["kiln"]
 
 
-def _visible_engine(session: Any, engine_id: str) -> Engine:
-    """An engine the caller may see: admins see all; users, engines of models they own."""
-    engine = session.get(Engine, engine_id)
-    scope = caller().scope
-    if engine is None or (scope is not None and not session.scalar(select(func.count()).where(
-            Model.owner == scope, Model.model_hash == engine.model_hash))):
-        raise NotFound("engine", engine_id)
-    return engine
+# Bodies of the JSON endpoints are small; uploads (POST /models) stream under their own limit.
+JSON_BODY_LIMIT = 1024 * 1024
+JSON_MAX_DEPTH = 32
+STREAMED_BODIES = frozenset({"api.upload_model"})
+# Everything under /api/v1 needs a key. Public routes live outside this blueprint: /healthz;
+# /metrics takes an admin key or the scrape token (service/app.py).
+PUBLIC_ENDPOINTS: frozenset[str] = frozenset()
+
+
+@api.before_request
+def _authenticate_then_read_body() -> None:
+    """Authenticate first, then bound and parse a JSON body, before any handler reads it.
+
+    A request without a valid key is answered 401 without reading a byte of its body.
+    """
+    if request.endpoint not in PUBLIC_ENDPOINTS:
+        caller()
+    if "\x00" in request.path or b"%00" in request.query_string:
+        # No id or name holds NUL, and PostgreSQL refuses it in text: say so, not a 500.
+        raise KilnError("invalid_request", "the path or query string contains a NUL byte", 400)
+    if request.endpoint in STREAMED_BODIES or request.method in ("GET", "HEAD", "DELETE"):
+        return
+    length = request.content_length
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if not length and not chunked:
+        return
+    if length is not None and length > JSON_BODY_LIMIT:
+        raise KilnError("body_too_large", f"a JSON body may be at most {JSON_BODY_LIMIT} bytes",
+                        413, {"limit": JSON_BODY_LIMIT, "content_length": length})
+    if request.mimetype != "application/json":
+        raise KilnError("unsupported_body",
+                        f"send the body as JSON with Content-Type: application/json, not "
+                        f"{request.mimetype or 'no content type'}", 400,
+                        {"content_type": request.mimetype})
+    # Read at most limit + 1 bytes from the server's (de-chunked) input, so a chunked body is
+    # bounded too, and hand the handler those bytes.
+    raw = request.environ["wsgi.input"].read(
+        length if length is not None else JSON_BODY_LIMIT + 1)
+    if len(raw) > JSON_BODY_LIMIT:
+        raise KilnError("body_too_large", f"a JSON body may be at most {JSON_BODY_LIMIT} bytes",
+                        413, {"limit": JSON_BODY_LIMIT})
+    request.environ["wsgi.input"] = io.BytesIO(raw)
+    request.environ["CONTENT_LENGTH"] = str(len(raw))
+    request.environ.pop("wsgi.input_terminated", None)
+    try:
+        body = request.get_json()
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except BadRequest as exc:
+        raise KilnError("malformed_json", "the body is not valid JSON", 400) from exc
+    if _depth(body) > JSON_MAX_DEPTH:
+        raise _too_deep()
+
+
+def _too_deep() -> KilnError:
+    return KilnError("json_too_deep", f"the JSON body nests deeper than {JSON_MAX_DEPTH} levels",
+                     400, {"limit": JSON_MAX_DEPTH})
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if depth <= JSON_MAX_DEPTH:
+                stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 @api.post("/models")
@@ -71,7 +135,8 @@ def upload_model() -> tuple[Response, int]:
         stream, filename = upload.stream, upload.filename or "model.pt2"
     else:
         stream, filename = request.stream, request.args.get("filename", "model.pt2")
-    model, created = uploads.save_upload(services(), caller().owner, stream, filename)
+    model, created = uploads.save_upload(services(), caller().owner, cast(BinaryIO, stream),
+                                         filename)
     return jsonify(model_json(model)), 201 if created else 200
 
 
@@ -79,21 +144,16 @@ def upload_model() -> tuple[Response, int]:
 @spec.validate(tags=["models"])
 def list_models() -> Response:
     with services().db.session() as s:
-        q = select(Model).order_by(Model.created_at.desc()).limit(500)
-        if caller().scope:
-            q = q.where(Model.owner == caller().scope)
-        # Clients hash locally and skip the upload when the caller already has these bytes.
-        for field in ("sha256", "model_hash"):
-            if request.args.get(field):
-                q = q.where(getattr(Model, field) == request.args[field])
-        return jsonify({"models": [model_json(m) for m in s.scalars(q)]})
+        models = queries.list_models(s, caller().scope, sha256=request.args.get("sha256"),
+                                     model_hash=request.args.get("model_hash"))
+        return jsonify({"models": [model_json(m) for m in models]})
 
 
 @api.get("/models/<model_id>")
 @spec.validate(resp=Resp(HTTP_200=None, HTTP_404=Error), tags=["models"])
 def get_model(model_id: str) -> Response:
     with services().db.session() as s:
-        return jsonify(model_json(jobs.get_model(s, model_id, caller().scope)))
+        return jsonify(model_json(queries.get_model(s, model_id, caller().scope)))
 
 
 @api.post("/jobs")
@@ -101,14 +161,15 @@ def get_model(model_id: str) -> Response:
                                           HTTP_404=Error, HTTP_503=Error), tags=["jobs"])
 def submit_job(json: JobRequest) -> tuple[Response, int]:
     """Submit a compile job; answered from the cache (200) or queued/joined (202)."""
+    who = caller()
     with services().db.session() as s:
-        api_keys.limit_submissions(s, caller().key_hash)
-    result = jobs.submit(services(), caller().owner, json.model_dump(exclude_none=False))
-    if result.status == "cached":
-        assert result.engine is not None
+        api_keys.limit_submissions(s, who.key_hash)
+    result = jobs.submit(services(), who.owner, json.cache_request(), who.scope)
+    if result.engine is not None:
         return jsonify({"status": "cached", "engine_id": result.engine.id,
                         "reason": result.reason, "engine": engine_json(result.engine)}), 200
-    assert result.job is not None
+    if result.job is None:
+        raise KilnError("internal_error", "the submit answered neither an engine nor a job", 500)
     return jsonify({**job_json(result.job), "submit": result.status,
                     "reason": result.reason}), 202
 
@@ -117,26 +178,22 @@ def submit_job(json: JobRequest) -> tuple[Response, int]:
 @spec.validate(tags=["jobs"])
 def list_jobs() -> Response:
     with services().db.session() as s:
-        q = select(Job).order_by(Job.created_at.desc()).limit(200)
-        if caller().scope:
-            q = q.where(Job.owner == caller().scope)
-        if request.args.get("status"):
-            q = q.where(Job.status == request.args["status"])
-        return jsonify({"jobs": [job_json(j, log_tail=0) for j in s.scalars(q)]})
+        found = queries.list_jobs(s, caller().scope, request.args.get("status"))
+        return jsonify({"jobs": [job_json(j, log_tail=0) for j in found]})
 
 
 @api.get("/jobs/<job_id>")
 @spec.validate(resp=Resp(HTTP_200=None, HTTP_404=Error), tags=["jobs"])
 def get_job(job_id: str) -> Response:
     with services().db.session() as s:
-        return jsonify(job_json(jobs.get_job(s, job_id, caller().scope)))
+        return jsonify(job_json(queries.get_job(s, job_id, caller().scope)))
 
 
 @api.get("/jobs/<job_id>/log")
 @spec.validate(resp=Resp(HTTP_200=None, HTTP_404=Error), tags=["jobs"])
 def get_job_log(job_id: str) -> Response:
     with services().db.session() as s:
-        job = jobs.get_job(s, job_id, caller().scope)
+        job = queries.get_job(s, job_id, caller().scope)
         return Response(job.log, mimetype="text/plain")
 
 
@@ -145,7 +202,7 @@ def get_job_log(job_id: str) -> Response:
 def job_events_stream(job_id: str) -> Response:
     """The job's state changes (and log lines with ?log=1) as Server-Sent Events."""
     with services().db.session() as s:
-        jobs.get_job(s, job_id, caller().scope)
+        queries.get_job(s, job_id, caller().scope)
     frames = job_events.stream(services().db, job_id, request.headers.get("Last-Event-ID"),
                                request.args.get("log", "0") not in ("0", "false", ""))
     return Response(frames, mimetype="text/event-stream",
@@ -163,51 +220,49 @@ def _parse_covers(items: list[str]) -> list[dict[str, Any]]:
     for item in items:
         try:
             name, rng = item.split(":", 1)
-            lo, hi = (list(map(int, s.split("x"))) for s in rng.split(","))
+            shapes = [list(map(int, s.split("x"))) for s in rng.split(",")]
+            if len(shapes) not in (2, 3):
+                raise ValueError(item)
         except ValueError as exc:
-            raise KilnError("bad_covers", f"covers={item!r}: write NAME:MIN,MAX with shapes "
-                            "like 1x3x224x224", details={"covers": item}) from exc
-        out.append({"name": name, "min": lo, "max": hi})
+            raise KilnError("bad_covers", f"covers={item!r}: write NAME:MIN,MAX or "
+                            "NAME:MIN,OPT,MAX with shapes like 1x3x224x224",
+                            details={"covers": item}) from exc
+        lo, hi = shapes[0], shapes[-1]
+        # Without an opt, the min: ranking then prefers engines tuned nearest the low end.
+        out.append({"name": name, "min": lo, "opt": shapes[1] if len(shapes) == 3 else lo,
+                    "max": hi})
     return out
 
 
-def _engine_filter(s: Any, query: EngineQuery) -> list[Engine]:
-    scope = caller().scope
-    owned = select(Model.model_hash).where(Model.owner == scope) if scope else None
-    q = select(Engine)
-    if owned is not None:
-        q = q.where(Engine.model_hash.in_(owned))
-    if query.model:
-        # A model id, its canonical hash or its file's sha256; for users, only their own.
-        ref = query.model
-        match = select(Model.model_hash).where(
-            (Model.id == ref) | (Model.model_hash == ref) | (Model.sha256 == ref))
-        if scope:
-            match = match.where(Model.owner == scope)
-        model_hash = s.scalars(match).first()
-        if model_hash is None:
-            raise NotFound("model", ref)
-        q = q.where(Engine.model_hash == model_hash)
-    if query.backend:
-        q = q.where(Engine.backend == query.backend)
-    if query.device:
-        q = q.where(Engine.device == query.device)
-    rows = list(s.scalars(q.order_by(Engine.created_at.desc()).limit(5000)))
-    wanted = _parse_covers(query.covers)
-    if wanted:
-        names = {w["name"] for w in wanted}
-        rows = [e for e in rows if names <= {p["name"] for p in e.profile}
-                and covers(e.profile, [{**w, "opt": w["min"]} for w in wanted])]
-        # Best first: the narrowest engine that still covers the request.
-        rows.sort(key=lambda e: engine_cache.profile_width(e.profile))
-    return rows[: query.limit]
+def _live_targets(s: Any) -> list[dict[str, Any]]:
+    return worker_registry.live_targets_cached(s, services().settings.worker_ttl_s)
 
 
 @api.get("/engines")
 @spec.validate(query=EngineQuery, tags=["engines"])
 def search_engines(query: EngineQuery) -> Response:
+    """Stored engines; with `covers`, those that would serve a job for those shapes, best first
+    (the same answer a submit or explain gives)."""
+    scope = caller().scope
     with services().db.session() as s:
-        return jsonify({"engines": [engine_json(e) for e in _engine_filter(s, query)]})
+        if not query.covers:
+            filters = {"backend": query.backend, "device": query.device, "arch": query.arch,
+                       "toolchain_id": query.toolchain,
+                       "model_hash": queries.model_hash_for(s, query.model, scope)
+                       if query.model else None}
+            found = queries.list_engines(s, scope, filters, query.limit)
+        else:
+            if not query.model:
+                raise KilnError("bad_covers", "covers= needs model= (shapes are a model's)",
+                                details={"covers": query.covers})
+            model = queries.model_for(s, query.model, scope)
+            request_ = CacheRequest(
+                model_id=model.id, backend=query.backend or "aoti", device=query.device or "cpu",
+                arch=query.arch, toolchain=query.toolchain, reuse="covering",
+                accept_unvalidated=query.accept_unvalidated,
+                inputs=complete_profile(model.signature["inputs"], _parse_covers(query.covers)))
+            found = cache.resolve(s, request_, scope, _live_targets(s)).hits[: query.limit]
+        return jsonify({"engines": [engine_json(e) for e in found]})
 
 
 @api.get("/engines/explain")
@@ -215,28 +270,32 @@ def search_engines(query: EngineQuery) -> Response:
                tags=["engines"])
 def explain(query: JobRequest) -> Response:
     """Would this request be served from the cache? If not, why not."""
-    body = query.model_dump()
+    return _explain(query)
+
+
+@api.post("/engines/explain")
+@spec.validate(json=JobRequest, resp=Resp(HTTP_200=None, HTTP_400=Error, HTTP_404=Error),
+               tags=["engines"])
+def explain_job(json: JobRequest) -> Response:
+    """Explain for a full job request body (a profile does not fit a query string)."""
+    return _explain(json)
+
+
+def _explain(job: JobRequest) -> Response:
     with services().db.session() as s:
-        model = jobs.get_model(s, body["model_id"], caller().scope)
-        options = normalize_options(body["backend"], body["device"], body["options"])
-        profile = resolve_profile(model.signature["inputs"], body.get("inputs"))
-        tc = [body["toolchain"]] if body.get("toolchain") else None
-        found = engine_cache.lookup(s, model.model_hash, body["backend"], body["device"],
-                                    body.get("arch"), tc, options, profile, body["reuse"])
-        misses = [] if found.engine else engine_cache.explain_miss(
-            s, model.model_hash, model.graph_hash, model.weights_hash, body["backend"],
-            body["device"], body.get("arch"), tc, options, profile,
-            visible_model_hashes=jobs.owned_model_hashes(s, caller().scope))
+        found = cache.resolve(s, job.cache_request(), caller().scope, _live_targets(s))
         return jsonify({"hit": found.engine is not None,
                         "engine_id": found.engine.id if found.engine else None,
-                        "reason": found.reason, "misses": misses})
+                        "reason": found.reason, "misses": found.misses,
+                        "target": found.target.as_dict() if found.target else None,
+                        "toolchains": found.toolchains})
 
 
 @api.get("/engines/<engine_id>")
 @spec.validate(resp=Resp(HTTP_200=None, HTTP_404=Error), tags=["engines"])
 def get_engine(engine_id: str) -> Response:
     with services().db.session() as s:
-        return jsonify(engine_json(_visible_engine(s, engine_id)))
+        return jsonify(engine_json(queries.get_engine(s, engine_id, caller().scope)))
 
 
 # Not wrapped by spectree: its response check reads the body, which would buffer a
@@ -244,15 +303,12 @@ def get_engine(engine_id: str) -> Response:
 @api.get("/engines/<engine_id>/artifact")
 def download_engine(engine_id: str) -> Response:
     with services().db.session() as s:
-        engine = _visible_engine(s, engine_id)
+        engine = queries.get_engine(s, engine_id, caller().scope)
         # Marks the engine as in use: eviction spares engines used within its grace period,
         # so a download in progress keeps its blob.
         engine.last_used_at = utcnow()
-    suffix = BACKENDS.get(engine.backend, {}).get("suffix", ".bin")
-    if engine.build_report.get("artifact_suffix"):
-        suffix = engine.build_report["artifact_suffix"]
     return artifact_response(services().store, engine.artifact_uri, engine.sha256, engine.size,
-                             f"{engine.id}{suffix}")
+                             download_name(engine))
 
 
 @api.post("/engines/<engine_id>/pin")
@@ -261,7 +317,7 @@ def pin_engine(engine_id: str) -> Response:
     require_admin()
     pinned = request.args.get("pinned", "true").lower() != "false"
     with services().db.session() as s:
-        engine = _visible_engine(s, engine_id)
+        engine = queries.get_engine(s, engine_id, caller().scope)
         engine.pinned = pinned
         return jsonify(engine_json(engine))
 
@@ -271,7 +327,8 @@ def pin_engine(engine_id: str) -> Response:
 def list_workers() -> Response:
     with services().db.session() as s:
         return jsonify({"workers": [worker_json(w) for w in
-                                    live_workers(s, services().settings.worker_ttl_s)]})
+                                    worker_registry.live_workers(
+                                        s, services().settings.worker_ttl_s)]})
 
 
 @api.get("/targets")

@@ -1,7 +1,13 @@
-"""The Flask application factory."""
+"""The Flask application factory.
+
+Public without a key: ``/healthz`` and the OpenAPI document. ``/metrics`` needs an admin key or
+``KILN_METRICS_TOKEN``; everything under ``/api/v1`` needs a key (checked in ``service.api``
+before any body is read); the dashboard checks its own sign-in.
+"""
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from flask import Flask, Response, g, jsonify, redirect, request
@@ -12,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from service import metrics as kiln_metrics
 from service.api import api, spec
+from service.auth import presented_token, require_admin
 from service.db import check_schema
 from service.errors import KilnError
 from service.services import Services
@@ -90,6 +97,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
+        # Job ids and per-endpoint counts are not for everyone: an admin key or the scrape token.
+        token = settings.metrics_token
+        given = presented_token()
+        if not (token and given and hmac.compare_digest(given.encode(), token.encode())):
+            require_admin()
         return kiln_metrics.scrape(services)
 
     return app

@@ -4,7 +4,8 @@ Keys come from ``KILN_API_KEYS`` and from the database (``service.api_keys``); b
 looked up by ``resolve_key_hash``, the one place a presented key becomes a caller.
 
 Users see only their own models, jobs and engines; admins see everything. The key travels in
-``Authorization: Bearer <key>`` (or ``X-API-Key``).
+``Authorization: Bearer <key>`` (or ``X-API-Key``). Every API request is authenticated by
+``authenticate_api_request`` (a ``before_request`` hook) before anything reads its body.
 """
 
 from __future__ import annotations
@@ -61,12 +62,18 @@ def keys_configured() -> bool:
         return api_keys.any_keys(s)
 
 
+def presented_token() -> str:
+    """The key the request carries in its headers (the dashboard uses its session instead)."""
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header.removeprefix("Bearer ").strip()
+    return request.headers.get("X-API-Key", "").strip()
+
+
 def authenticate() -> Caller:
     if not keys_configured():
         return LOCAL
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else (
-        request.headers.get("X-API-Key", ""))
+    given = presented_token()
     found = resolve_key(given) if given else None
     if not given and request.blueprint == "dashboard":
         # Browsers cannot send headers: the dashboard's signed session holds the hash of a key

@@ -2,32 +2,66 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Response, request, send_file
+from werkzeug.datastructures import Headers
 from werkzeug.http import parse_range_header
 
 from service.artifacts import ArtifactStore
 from service.errors import KilnError
+from service.models import Engine
+from service.targets import BACKENDS
+
+# The file name suffix a download may carry: from the backend registry, or an artifact suffix
+# the worker recorded if it looks like one. The recorded value comes from a build of untrusted
+# code, so anything else (quotes, CR/LF, paths) falls back to the registry's.
+_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,12}){1,2}")
+
+
+def download_name(engine: Engine) -> str:
+    suffix = BACKENDS.get(engine.backend, {}).get("suffix", ".bin")
+    recorded = (engine.build_report or {}).get("artifact_suffix")
+    if isinstance(recorded, str) and _SUFFIX.fullmatch(recorded):
+        suffix = recorded
+    return f"{engine.id}{suffix}"
+
+
+def _range_applies(sha256: str) -> bool:
+    """Honour Range only without If-Range, or with If-Range naming this file's strong ETag.
+
+    A date, a weak or an empty ETag in If-Range cannot prove the client holds these bytes
+    (RFC 9110 13.1.5), so the answer is the whole file with 200.
+    """
+    if "If-Range" not in request.headers:
+        return True
+    given = request.if_range
+    return given.date is None and given.etag == sha256 and not request.headers[
+        "If-Range"].strip().startswith("W/")
 
 
 def artifact_response(store: ArtifactStore, uri: str, sha256: str, size: int,
                       filename: str) -> Response:
-    headers = {
+    headers = Headers({
         "ETag": f'"{sha256}"',
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{filename}"',
         # Clients verify this before loading an engine: engines are native code.
         "X-Kiln-Sha256": sha256,
         "Cache-Control": "private, max-age=31536000, immutable",
-    }
+    })
+    # Built by the framework (RFC 6266 quoting, RFC 5987 for non-ASCII), never by formatting.
+    headers.set("Content-Disposition", "attachment", filename=filename)
     if request.if_none_match.contains(sha256):
         return Response(status=304, headers=headers)
     presign = getattr(store, "download_url", None)  # S3 with KILN_DOWNLOAD_PRESIGN_S > 0
     url = presign(uri, filename) if presign is not None else None
     if url:
         # The bytes go from the store to the client; the redirect expires, so it is not cached.
-        return Response(status=302, headers={**headers, "Location": url,
-                                             "Cache-Control": "private, no-store"})
-    range_header = request.headers.get("Range")
+        moved = headers.copy()
+        moved["Location"] = url
+        moved["Cache-Control"] = "private, no-store"
+        return Response(status=302, headers=moved)
+    range_header = request.headers.get("Range") if _range_applies(sha256) else None
     local_path = getattr(store, "local_path", None)
     if local_path is not None and not range_header:
         # A whole local file goes out through the server's file wrapper (sendfile under
@@ -35,11 +69,11 @@ def artifact_response(store: ArtifactStore, uri: str, sha256: str, size: int,
         response = send_file(local_path(uri), mimetype="application/octet-stream",
                              as_attachment=True, download_name=filename, etag=False,
                              conditional=False, max_age=31536000)
+        headers.remove("Content-Disposition")  # send_file set it from download_name
         response.headers.update(headers)
         return response
     start, end, status = 0, size, 200
-    # If-Range: a client resuming a download of another version gets the whole new file.
-    if range_header and (not request.if_range.etag or request.if_range.etag == sha256):
+    if range_header:
         parsed = parse_range_header(range_header)
         bounds = parsed.range_for_length(size) if parsed and parsed.units == "bytes" else None
         if parsed is None or bounds is None or len(parsed.ranges) != 1:

@@ -8,9 +8,16 @@ because neither AOTInductor nor TensorRT's serialized-engine path checks it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.errors import KilnError
+
+# Bounds on what a profile may ask for, whatever the program allows: a dim fits a signed 32-bit
+# int (what the compilers index with), and one input at its max shape holds at most 2^34
+# elements (64 GiB of float32), far past any device. Larger numbers are refused, never queued.
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**34
 
 
 def _problem(errors: list[dict[str, Any]], code: str, message: str, **where: Any) -> None:
@@ -18,9 +25,11 @@ def _problem(errors: list[dict[str, Any]], code: str, message: str, **where: Any
 
 
 def _default_profile(signature: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    profile, errors = [], []
+    profile: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     for spec in signature:
-        lo, hi = [], []
+        lo: list[int] = []
+        hi: list[int] = []
         for dim_index, dim in enumerate(spec["shape"]):
             if isinstance(dim, int):
                 lo.append(dim)
@@ -67,7 +76,7 @@ def resolve_profile(
     seen: dict[str, dict[str, Any]] = {}
     for item in requested:
         name = item.get("name")
-        if name not in by_name:
+        if not isinstance(name, str) or name not in by_name:
             _problem(errors, "unknown_input",
                      f"input {name!r} is not an input of the program; its inputs are "
                      f"{list(by_name)}", input=name)
@@ -87,12 +96,24 @@ def resolve_profile(
             _problem(errors, "dtype_mismatch",
                      f"input {name!r} is {spec['dtype']} in the program, not {item['dtype']}",
                      input=name, expected=spec["dtype"], got=item["dtype"])
-        shapes = {k: item.get(k) for k in ("min", "opt", "max")}
-        bad = [k for k, v in shapes.items() if not _is_shape(v)]
+        given = {k: item.get(k) for k in ("min", "opt", "max")}
+        bad = [k for k, v in given.items() if not _is_shape(v)]
         if bad:
             _problem(errors, "bad_shape",
                      f"input {name!r}: {', '.join(bad)} must be a list of non-negative ints",
                      input=name)
+            continue
+        shapes: dict[str, list[int]] = {k: list(v or []) for k, v in given.items()}
+        huge = [k for k, v in shapes.items() if any(d > MAX_DIM for d in v)]
+        if huge:
+            _problem(errors, "dim_too_large",
+                     f"input {name!r}: {', '.join(huge)} has a dim over {MAX_DIM}",
+                     input=name, limit=MAX_DIM)
+            continue
+        if math.prod(shapes["max"]) > MAX_ELEMENTS:
+            _problem(errors, "too_many_elements",
+                     f"input {name!r}: the max shape holds {math.prod(shapes['max'])} elements, "
+                     f"over the limit of {MAX_ELEMENTS}", input=name, limit=MAX_ELEMENTS)
             continue
         rank = len(spec["shape"])
         if any(len(v) != rank for v in shapes.values()):
@@ -135,6 +156,37 @@ def resolve_profile(
     return [{"name": spec["name"], "dtype": spec["dtype"], "min": seen[spec["name"]]["min"],
              "opt": seen[spec["name"]]["opt"], "max": seen[spec["name"]]["max"]}
             for spec in signature]
+
+
+def complete_profile(signature: list[dict[str, Any]], partial: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """A full requested profile from shapes given for some inputs only (``covers=`` search).
+
+    An input not given takes the program's own range for each dim, except a dim that is the
+    same symbol as a dim of a given input, which takes that dim's min/opt/max. The result still
+    goes through ``resolve_profile``.
+    """
+    given = {p["name"]: p for p in partial}
+    by_symbol: dict[str, tuple[int, int, int]] = {}
+    for spec in signature:
+        item = given.get(spec["name"])
+        if item is None:
+            continue
+        for d, dim in enumerate(spec["shape"]):
+            if isinstance(dim, dict) and not dim.get("derived") and d < len(item["min"]) and \
+                    d < len(item["opt"]) and d < len(item["max"]):
+                by_symbol.setdefault(dim["symbol"], (item["min"][d], item["opt"][d],
+                                                     item["max"][d]))
+    out = list(partial)
+    missing = [spec for spec in signature if spec["name"] not in given]
+    if missing:
+        for spec, default in zip(missing, _default_profile(missing)):
+            lo, opt, hi = list(default["min"]), list(default["opt"]), list(default["max"])
+            for d, dim in enumerate(spec["shape"]):
+                if isinstance(dim, dict) and dim.get("symbol") in by_symbol:
+                    lo[d], opt[d], hi[d] = by_symbol[dim["symbol"]]
+            out.append({"name": spec["name"], "min": lo, "opt": opt, "max": hi})
+    return out
 
 
 def covers(stored: list[dict[str, Any]], requested: list[dict[str, Any]]) -> bool:

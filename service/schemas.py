@@ -4,17 +4,22 @@ shape of each resource."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from service.cache import CacheRequest
 from service.models import Engine, Job, Model, Worker
+
+# Identifiers and names a request carries into SQL: bounded, and without NUL (PostgreSQL
+# refuses it in text, which would otherwise surface as a 500).
+Name = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
 
 
 class InputShapes(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    dtype: str | None = Field(None, description="Optional; must match the program's dtype.")
+    name: Name
+    dtype: Name | None = Field(None, description="Optional; must match the program's dtype.")
     min: list[int]
     opt: list[int]
     max: list[int]
@@ -22,24 +27,40 @@ class InputShapes(BaseModel):
 
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model_id: str
-    backend: str = Field("aoti", description="aoti, onnx or tensorrt")
-    device: str = Field("cpu", description="cpu or cuda")
-    arch: str | None = Field(None, description="e.g. sm_90 or x86_64-avx512; default: any live")
-    toolchain: str | None = Field(None, description="A toolchain id; default: a live worker's.")
+    model_id: Name
+    backend: Name = Field("aoti", description="aoti, onnx or tensorrt")
+    device: Name = Field("cpu", description="cpu or cuda")
+    arch: Name | None = Field(None, description="e.g. sm_90 or x86_64-avx512; default: any live")
+    toolchain: Name | None = Field(None, description="A toolchain id; default: a live worker's.")
     inputs: list[InputShapes] | None = Field(
         None, description="Profile per input; omitted: the program's ranges, opt = example.")
     options: dict[str, Any] = Field(default_factory=dict)
     reuse: Literal["exact", "covering", "never"] = "covering"
+    accept_unvalidated: bool = Field(
+        False, description="Let engines whose validation did not run (no device to run them "
+        "on) serve the request; by default only validated engines do.")
+
+    def cache_request(self) -> CacheRequest:
+        return CacheRequest(
+            model_id=self.model_id, backend=self.backend, device=self.device, arch=self.arch,
+            toolchain=self.toolchain, options=self.options, reuse=self.reuse,
+            accept_unvalidated=self.accept_unvalidated,
+            inputs=None if self.inputs is None else [i.model_dump() for i in self.inputs])
 
 
 class EngineQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="A model id or its model_hash / sha256.")
-    backend: str | None = None
-    device: str | None = None
-    covers: list[str] = Field(default_factory=list,
-                              description="NAME:MIN,MAX with shapes like 1x3x224x224")
+    model: Name | None = Field(None, description="A model id or its model_hash / sha256.")
+    backend: Name | None = None
+    device: Name | None = None
+    covers: list[Name] = Field(
+        default_factory=list,
+        description="NAME:MIN,MAX (or NAME:MIN,OPT,MAX) with shapes like 1x3x224x224: only "
+        "engines that would serve a job request for these shapes, best first. Needs `model`; "
+        "backend and device default to aoti and cpu as for a job.")
+    arch: Name | None = None
+    toolchain: Name | None = None
+    accept_unvalidated: bool = False
     limit: int = Field(50, ge=1, le=500)
 
 
@@ -93,7 +114,8 @@ def engine_json(engine: Engine) -> dict[str, Any]:
         "toolchain": engine.toolchain, "options": engine.options, "inputs": engine.profile,
         "sha256": engine.sha256, "size": engine.size, "build_seconds": engine.build_seconds,
         "build_report": engine.build_report, "validation": engine.validation,
-        "benchmark": engine.benchmark, "hits": engine.hits, "pinned": engine.pinned,
+        "benchmark": engine.benchmark, "validation_status": engine.validation_status,
+        "validation_reason": engine.validation_reason, "hits": engine.hits, "pinned": engine.pinned,
         "created_at": _ts(engine.created_at), "last_used_at": _ts(engine.last_used_at),
     }
 

@@ -42,6 +42,8 @@ class Settings:
     max_upload_bytes: int = 4 * 1024**3
     # Empty: no authentication, every request acts as the local admin (single-user mode).
     api_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # /metrics answers an admin key, or this token (for a scraper that should hold no API key).
+    metrics_token: str = ""
     # Workers: a job's lease is renewed every lease_s / 3; a lapsed lease is swept.
     lease_s: int = 60
     sweep_interval_s: int = 30
@@ -74,6 +76,7 @@ class Settings:
             artifact_uri=env.get("KILN_ARTIFACT_URI", (data_dir / "artifacts").as_uri()),
             max_upload_bytes=_int(env, "KILN_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
             api_keys=parse_api_keys(env.get("KILN_API_KEYS", "")),
+            metrics_token=env.get("KILN_METRICS_TOKEN", ""),
             lease_s=_int(env, "KILN_LEASE_S", cls.lease_s),
             sweep_interval_s=_int(env, "KILN_SWEEP_INTERVAL_S", cls.sweep_interval_s),
             requeue_after_s=_int(env, "KILN_REQUEUE_AFTER_S", cls.requeue_after_s),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from service import jobs, worker_registry
+from service import jobs, queries, worker_registry
 from service.app import create_app
+from service.cache import CacheRequest, Target
 from service.db import upgrade
-from service.engine_cache import Target
 from service.services import Services
 from tests.conftest import export_two_inputs, make_settings
 from tests.factories import record_engine
@@ -36,12 +36,12 @@ def _profile(lo: int, opt: int, hi: int, seq: tuple[int, int, int] = (2, 16, 128
 
 def _build(services: Services, owner: str, model_id: str, profile: list[dict]) -> str:
     """Submit and finish a job as a worker would, without running a compiler."""
-    result = jobs.submit(services, owner, {"model_id": model_id, "backend": "aoti",
+    result = jobs.submit(services, owner, CacheRequest(**{"model_id": model_id, "backend": "aoti",
                                            "device": "cpu", "inputs": profile,
-                                           "reuse": "exact"})
+                                           "reuse": "exact"}))
     job = result.job
     with services.db.session() as s:
-        model = jobs.get_model(s, model_id, None)
+        model = queries.get_model(s, model_id, None)
         claimed = jobs.claim(s, job.id, "w1", 60)
         engine = jobs.succeed(s, job.id, claimed.attempts, "w1", record_engine(model, job),
                               {}, "")
@@ -108,9 +108,16 @@ def test_covering_lookup_picks_nearest_opt_then_narrowest(keyed, programs) -> No
     found = c.get(f"/api/v1/engines?model={model_id}&covers=x:2x4x8,8x64x8",
                   headers=_auth("ka")).json["engines"]
     assert [e["id"] for e in found] == [narrow_near, near, wide]  # narrowest first
-    none = c.get(f"/api/v1/engines?model={model_id}&covers=x:1x4x8,64x64x8",
-                 headers=_auth("ka")).json["engines"]
-    assert none == []
+    # The mask's batch is the same dim as x's: it follows x's range, so only near and wide
+    # (batch 1..32) serve batch 1..16; with an opt of 16, wide (tuned at 16) comes first.
+    found = c.get(f"/api/v1/engines?model={model_id}&covers=x:1x4x8,16x16x8,16x64x8",
+                  headers=_auth("ka")).json["engines"]
+    assert [e["id"] for e in found] == [wide, near]
+    # Past the program's own range is a bad request, as it is for a submit.
+    outside = c.get(f"/api/v1/engines?model={model_id}&covers=x:1x4x8,64x64x8",
+                    headers=_auth("ka"))
+    assert outside.status_code == 400
+    assert outside.json["error"]["code"] == "invalid_profile"
 
 
 def test_miss_explains_weights_and_range(keyed, programs, tmp_path: Path) -> None:

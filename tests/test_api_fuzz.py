@@ -32,8 +32,8 @@ from schemathesis import GenerationMode
 
 from service import jobs, worker_registry
 from service.app import create_app
+from service.cache import CacheRequest, Target
 from service.db import upgrade
-from service.engine_cache import Target
 from service.services import Services
 from service.uploads import save_upload
 from tests import servers
@@ -62,10 +62,10 @@ def _seed(services: Services, program: Path) -> dict[str, str]:
             for t in TARGETS], {})
     with open(program, "rb") as f:
         model, _ = save_upload(services, "local", f, program.name)
-    queued = jobs.submit(services, "local", {"model_id": model.id, "backend": "onnx",
-                                             "device": "cpu"})
-    built = jobs.submit(services, "local", {"model_id": model.id, "backend": "aoti",
-                                            "device": "cpu"})
+    queued = jobs.submit(services, "local", CacheRequest(**{"model_id": model.id, "backend": "onnx",
+                                             "device": "cpu"}))
+    built = jobs.submit(services, "local", CacheRequest(**{"model_id": model.id, "backend": "aoti",
+                                            "device": "cpu"}))
     assert queued.job is not None and built.job is not None
     blob = Path(tempfile.mkdtemp()) / "engine.bin"
     blob.write_bytes(b"not really an engine, but bytes with a digest")

@@ -18,11 +18,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from service import jobs, worker_registry
+from service import jobs, queries, worker_registry
+from service.cache import CacheRequest, Target
 from service.dashboard import queries as dashboard_queries
 from service.dashboard.charts import Axis, nice_scale, range_bar
 from service.db import upgrade
-from service.engine_cache import Target
 from service.models import ApiKey, AuditEntry, Engine, Job, Model, Submission, Worker, utcnow
 from service.services import Services
 from service.uploads import save_upload
@@ -105,14 +105,15 @@ def make_world(app: Flask, programs: dict[str, Path], owner: str = "alice") -> W
     with open(programs["two_inputs"], "rb") as f:
         model, _ = save_upload(services, owner, f, HOSTILE_NAME)
     request = {"model_id": model.id, "backend": "aoti", "device": "cpu"}
-    first = jobs.submit(services, owner, request)
+    first = jobs.submit(services, owner, CacheRequest(**request))
     assert first.status == "queued"
     engine = _build(services, first.job.id, slower_at=("max",))
-    assert [jobs.submit(services, owner, request).status for _ in range(2)] == ["cached"] * 2
+    hits = [jobs.submit(services, owner, CacheRequest(**request)).status for _ in range(2)]
+    assert hits == ["cached"] * 2
     rebuild = {**request, "reuse": "never"}
-    second = jobs.submit(services, owner, rebuild)
+    second = jobs.submit(services, owner, CacheRequest(**rebuild))
     assert second.status == "queued"
-    assert jobs.submit(services, owner, rebuild).status == "joined"
+    assert jobs.submit(services, owner, CacheRequest(**rebuild)).status == "joined"
     with services.db.session() as s:
         claimed = jobs.claim(s, second.job.id, "w1", lease_s=60)
         assert jobs.renew(s, second.job.id, claimed.attempts, "w1", 60, log_text=HOSTILE_LOG)
@@ -422,7 +423,7 @@ def test_every_form_post_without_its_token_is_refused(client: FlaskClient, world
     with world.services.db.session() as s:
         assert s.scalar(select(func.count()).select_from(AuditEntry)) == 0
         assert s.get(Engine, world.engine.id).pinned is False
-        assert jobs.get_job(s, world.active_job, None).status == "building"
+        assert queries.get_job(s, world.active_job, None).status == "building"
 
 
 # ---- actions, each audited -----------------------------------------------------------------
@@ -448,12 +449,12 @@ def test_actions_change_state_and_are_audited(client: FlaskClient, world: World)
     assert _post(client, f"/admin/engines/{engine_id}/unpin").status_code == 302
     assert _post(client, f"/admin/jobs/{world.active_job}/cancel").status_code == 302
     with services.db.session() as s:
-        assert jobs.get_job(s, world.active_job, None).status == "cancelled"
+        assert queries.get_job(s, world.active_job, None).status == "cancelled"
     retried = _post(client, f"/admin/jobs/{world.active_job}/retry")
     assert retried.status_code == 302
     new_job = retried.location.rsplit("/", 1)[1]
     with services.db.session() as s:
-        again = jobs.get_job(s, new_job, None)
+        again = queries.get_job(s, new_job, None)
         assert again.status == "queued" and again.owner == "alice" and new_job != world.active_job
     assert _post(client, "/admin/workers/w1/drain").status_code == 302
     with services.db.session() as s:
@@ -465,7 +466,8 @@ def test_actions_change_state_and_are_audited(client: FlaskClient, world: World)
     assert not blob.exists()
     with services.db.session() as s:
         assert s.get(Engine, engine_id) is None
-        assert jobs.get_job(s, world.done_job, None).engine_id is None  # the job keeps its record
+        # the job keeps its record
+        assert queries.get_job(s, world.done_job, None).engine_id is None
     assert _audit(services) == [
         ("local", "engine.pin", engine_id), ("local", "engine.unpin", engine_id),
         ("local", "job.cancel", world.active_job), ("local", "job.retry", world.active_job),
@@ -536,7 +538,7 @@ def test_lists_filter_search_and_page(client: FlaskClient, world: World) -> None
     # Paging: 30 more jobs make two pages of 25 on the jobs list.
     services = world.services
     with services.db.session() as s:
-        template = jobs.get_job(s, world.done_job, None)
+        template = queries.get_job(s, world.done_job, None)
         for i in range(30):
             s.add(Job(owner="alice", model_id=world.model_id, backend="aoti", device="cpu",
                       arch=template.arch, toolchain_id=template.toolchain_id,
@@ -609,7 +611,7 @@ def test_failed_job_shows_plain_error_and_its_failing_phase(client: FlaskClient,
     from datetime import timedelta
 
     with world.services.db.session() as s:
-        job = jobs.get_job(s, world.active_job, None)
+        job = queries.get_job(s, world.active_job, None)
         job.status, job.finished_at = "failed", job.started_at + timedelta(seconds=9)
         job.error_code = "build_failed"
         job.error_message = "\x1b[1m\x1b[31merror:\x1b[0m undefined symbol"

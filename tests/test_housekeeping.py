@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from service import housekeeping
+from service.cache import digest
 from service.cli import main as kiln_cli
 from service.db import upgrade
-from service.engine_cache import digest
 from service.models import Engine, HousekeepingTask, Job, Model, utcnow
 from service.services import Services
 from service.settings import Settings

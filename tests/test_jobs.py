@@ -16,13 +16,13 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from service import jobs, worker_registry
+from service.cache import CacheRequest, Target
 from service.db import upgrade
-from service.engine_cache import Target
 from service.errors import KilnError
-from service.models import TERMINAL_STATES, Job, utcnow
+from service.models import TERMINAL_STATES, Job, Submission, utcnow
 from service.services import Services
 from service.uploads import save_upload
 from tests.conftest import make_settings
@@ -71,8 +71,8 @@ def test_fifty_concurrent_identical_submits_make_one_job(postgres_url: str, redi
 
     def submit() -> None:
         barrier.wait()
-        r = jobs.submit(services, "alice", {"model_id": model_id, "backend": "aoti",
-                                            "device": "cpu"})
+        r = jobs.submit(services, "alice", CacheRequest(**{"model_id": model_id, "backend": "aoti",
+                                            "device": "cpu"}))
         results.append(r.job.id if r.job else "")
 
     threads = [threading.Thread(target=submit) for _ in range(50)]
@@ -91,8 +91,8 @@ def test_fifty_concurrent_identical_submits_make_one_job(postgres_url: str, redi
 def test_duplicate_delivery_and_stale_attempts_are_fenced(services: Services,
                                                           programs: dict[str, Path]) -> None:
     model_id = _model(services, programs["convnet"])
-    job = jobs.submit(services, "alice", {"model_id": model_id, "backend": "aoti",
-                                          "device": "cpu"}).job
+    job = jobs.submit(services, "alice", CacheRequest(**{"model_id": model_id, "backend": "aoti",
+                                          "device": "cpu"})).job
     with services.db.session() as s:
         first = jobs.claim(s, job.id, "w1", lease_s=60)
     with services.db.session() as s:
@@ -117,8 +117,8 @@ def test_duplicate_delivery_and_stale_attempts_are_fenced(services: Services,
 def test_retryable_failures_give_up_after_max_attempts(services: Services,
                                                        programs: dict[str, Path]) -> None:
     model_id = _model(services, programs["convnet"])
-    job = jobs.submit(services, "alice", {"model_id": model_id, "backend": "aoti",
-                                          "device": "cpu"}).job
+    job = jobs.submit(services, "alice", CacheRequest(**{"model_id": model_id, "backend": "aoti",
+                                          "device": "cpu"})).job
     status = None
     for _ in range(services.settings.max_attempts):
         with services.db.session() as s:
@@ -134,8 +134,8 @@ def test_retryable_failures_give_up_after_max_attempts(services: Services,
 
 def test_cancel_is_final(services: Services, programs: dict[str, Path]) -> None:
     model_id = _model(services, programs["convnet"])
-    job = jobs.submit(services, "alice", {"model_id": model_id, "backend": "aoti",
-                                          "device": "cpu"}).job
+    job = jobs.submit(services, "alice", CacheRequest(**{"model_id": model_id, "backend": "aoti",
+                                          "device": "cpu"})).job
     assert jobs.cancel(services, job.id, "alice").status == "cancelled"
     with pytest.raises(KilnError) as err:
         jobs.cancel(services, job.id, "alice")
@@ -157,8 +157,8 @@ def test_state_machine_terminal_states_absorb(tmp_path_factory: pytest.TempPathF
                                               ) -> None:
     services = _services(tmp_path_factory.mktemp("sm"))
     model_id = _model(services, programs["convnet"])
-    job_id = jobs.submit(services, "alice", {"model_id": model_id, "backend": "aoti",
-                                             "device": "cpu"}).job.id
+    job_id = jobs.submit(services, "alice", CacheRequest(**{"model_id": model_id, "backend": "aoti",
+                                             "device": "cpu"})).job.id
     held: dict[str, int] = {}
     terminal_seen, successes = None, 0
     for action in actions:
@@ -201,7 +201,7 @@ def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_
     services = _services(tmp_path, postgres_url, redis_url.rsplit("/", 1)[0] + "/15")
     model_id = _model(services, programs["convnet"])
     request = {"model_id": model_id, "backend": "aoti", "device": "cpu"}
-    job = jobs.submit(services, "alice", request).job
+    job = jobs.submit(services, "alice", CacheRequest(**request)).job
     with services.db.session() as s:
         claimed = jobs.claim(s, job.id, "w1", 60)
         engine = jobs.succeed(s, job.id, claimed.attempts, "w1", {
@@ -214,14 +214,26 @@ def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_
             model_hash=s.get(jobs.Model, model_id).model_hash))
     barrier = threading.Barrier(20)
 
+    seen: list[int] = []
+
     def hit() -> None:
         barrier.wait()
-        assert jobs.submit(services, "alice", request).status == "cached"
+        result = jobs.submit(services, "alice", CacheRequest(**request))
+        assert result.status == "cached" and result.engine is not None
+        seen.append(result.engine.hits)
 
     threads = [threading.Thread(target=hit) for _ in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with services.db.session() as s:
+    # Each answer saw its own increment: no two hits read the same count.
+    assert sorted(seen) == list(range(1, 21))
+    # A restart of the API (a fresh process's pool) reads every hit and its submission back.
+    services.db.dispose()
+    restarted = Services(services.settings)
+    with restarted.db.session() as s:
         assert s.get(jobs.Engine, engine_id).hits == 20
+        assert s.scalar(select(func.count()).select_from(Submission).where(
+            Submission.engine_id == engine_id, Submission.outcome == "cached")) == 20
+    restarted.db.dispose()

@@ -20,8 +20,8 @@ import requests
 from moto.server import ThreadedMotoServer
 
 from service.artifacts import S3ArtifactStore
+from service.cache import digest
 from service.db import upgrade
-from service.engine_cache import digest
 from service.errors import KilnError
 from service.models import Engine, utcnow
 from service.services import Services

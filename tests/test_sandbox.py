@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from service import jobs, worker_registry
+from service.cache import CacheRequest, Target
 from service.db import upgrade
-from service.engine_cache import Target
 from service.models import Engine, Job
 from service.services import Services
 from service.uploads import save_upload
@@ -252,9 +252,11 @@ def _submit(services: Services, program: Path, reuse: str = "exact", backend: st
             options: dict[str, Any] | None = None) -> str:
     with open(program, "rb") as f:
         model, _ = save_upload(services, "alice", f, program.name)
-    return jobs.submit(services, "alice", {"model_id": model.id, "backend": backend,
-                                           "device": "cpu", "inputs": PROFILE,
-                                           "reuse": reuse, "options": options or {}}).job.id
+    request = CacheRequest(model_id=model.id, backend=backend, device="cpu", inputs=PROFILE,
+                           reuse=reuse, options=options or {})
+    job = jobs.submit(services, "alice", request).job
+    assert job is not None
+    return job.id
 
 
 def _child_writing(result: dict[str, Any], setup: str = "") -> list[str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from service.cache import digest
 from service.db import upgrade
-from service.engine_cache import digest
 from service.models import Engine, utcnow
 from service.services import Services
 from service.store_budget import collect_orphans, enforce_budget

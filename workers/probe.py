@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from service.engine_cache import Target, toolchain_id
+from service.cache import Target, toolchain_id
 from service.worker_registry import queue_name
 from workers.backends import BACKEND_NAMES, get_backend
 from workers.backends.aoti import cpu_arch

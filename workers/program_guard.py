@@ -135,11 +135,11 @@ def _torch_load_weights_only() -> Iterator[None]:
         kwargs["weights_only"] = True
         return original(f, *args, **kwargs)
 
-    torch.load = restricted  # type: ignore[assignment]
+    torch.load = restricted
     try:
         yield
     finally:
-        torch.load = original  # type: ignore[assignment]
+        torch.load = original
 
 
 def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:

@@ -41,8 +41,9 @@ from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from service import api_keys, audit, jobs, store_budget
+from service import api_keys, audit, jobs, queries, store_budget
 from service.auth import Caller, keys_configured, require_admin, resolve_key
+from service.cache import CacheRequest
 from service.dashboard import queries as q
 from service.dashboard.charts import Axis, Bar, bar_chart, paired_bars, range_bar
 from service.dashboard.charts import timeline as timeline_chart
@@ -337,18 +338,19 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 def retry_job(job_id: str) -> ResponseReturnValue:
     """Submit the job's request again, as its owner, with reuse=never (it must build)."""
     with services().db.session() as s:
-        job = jobs.get_job(s, job_id, None)
+        job = queries.get_job(s, job_id, None)
         if job.status not in ("failed", "cancelled"):
             raise KilnError("job_not_retryable",
                             f"job {job_id} is {job.status}: only failed or cancelled jobs are "
                             "retried", 409, {"status": job.status})
-        request_ = {"model_id": job.model_id, "backend": job.backend, "device": job.device,
-                    "arch": job.arch, "toolchain": job.toolchain_id, "options": job.options,
-                    "inputs": [{k: p[k] for k in ("name", "min", "opt", "max")}
-                               for p in job.profile], "reuse": "never"}
+        request_ = CacheRequest(
+            model_id=job.model_id, backend=job.backend, device=job.device, arch=job.arch,
+            toolchain=job.toolchain_id, options=job.options, reuse="never",
+            inputs=[{k: p[k] for k in ("name", "min", "opt", "max")} for p in job.profile])
         owner = job.owner
     result = jobs.submit(services(), owner, request_)
-    assert result.job is not None
+    if result.job is None:
+        raise KilnError("internal_error", "the retry answered no job", 500)
     _audit("job.retry", "job", job_id, new_job=result.job.id, submit=result.status)
     flash(f"Retried job {job_id} as {result.job.id} ({result.status}).")
     return redirect(url_for("dashboard.job_detail", job_id=result.job.id))
