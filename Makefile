@@ -2,21 +2,38 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What the tests need from the operating system: bubblewrap contains every build child, chromium
+# drives the dashboard's browser tests. Installed with apt-get when missing (as root, or sudo).
+SYSTEM_PACKAGES := bubblewrap:bwrap chromium:chromium
 
-.PHONY: serve test lint bench gpu-test clean
+.PHONY: serve test lint typecheck system-packages bench gpu-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	# constraints.txt pins torch 2.13.0 (CPU) here; the package itself accepts torch>=2.11.
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[onnx,test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[worker,onnx,tensorrt-rtx,test]'
 	touch $(STAMP)
 
-serve: $(STAMP)
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $${p#*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
+	fi
+
+serve: system-packages $(STAMP)
 	$(VENV)/bin/kiln serve
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check service workers migrations tests bench examples scripts
+lint: $(STAMP)
+	$(VENV)/bin/ruff check service workers kiln migrations tests bench examples scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 	scripts/typecheck_tensorrt.sh
+
+test: system-packages $(STAMP) lint typecheck
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
