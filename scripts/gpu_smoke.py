@@ -263,35 +263,63 @@ def one_worker_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, A
                 row = build_one(kiln, name, path, profile, device)
                 RESULTS["engines"].append(row)
                 rec.update(ok="error" not in row, result=row.get("error", "engine"))
+        if device == "cuda":
+            tensorrt_rtx_step(kiln, work, programs)
     finally:
         kiln.stop()
 
 
-def tensorrt_rtx_step(work: Path, programs: dict[str, tuple[Path, list[dict[str, Any]]]]
-                      ) -> None:
+def tensorrt_rtx_step(kiln: Kiln, work: Path,
+                      programs: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
+    """The convnet through Kiln's tensorrt-rtx backend on the same Kiln, then the plan handed
+    to the runtime directly: what Kiln records, and what TensorRT-RTX itself says."""
     with step("tensorrt-rtx") as rec:
         try:
             import tensorrt_rtx as trt
         except Exception as exc:
             rec.update(ok=True, skipped=f"tensorrt_rtx does not import: {exc}")
             return
-        from workers.backends import BACKEND_NAMES
-
         rec["version"] = getattr(trt, "__version__", "?")
-        if "tensorrt-rtx" in BACKEND_NAMES:
-            kiln = Kiln(work / "kiln-rtx", [0], work / "cache-rtx")
-            try:
-                model = kiln.client.upload(programs["convnet"][0])
-                sub = kiln.client.submit(model["id"], backend="tensorrt-rtx", device="cuda",
-                                         inputs=programs["convnet"][1])
-                engine = kiln.client.wait(sub, timeout_s=400)
-                rec.update(via="kiln", engine_id=engine["id"],
-                           build_s=engine["build_seconds"], report=engine["build_report"],
-                           benchmark=engine["benchmark"])
-            finally:
-                kiln.stop()
-            return
-        rec.update(via="tensorrt_rtx API directly", **direct_rtx_build(trt, work))
+        targets = [t for w in kiln.client.workers() for t in w["targets"]
+                   if t["backend"] == "tensorrt-rtx"]
+        rec["announced"] = [{k: t.get(k) for k in ("arch", "builds", "runs", "runs_reason")}
+                            for t in targets]
+        path, profile = programs["convnet"]
+        model = kiln.client.upload(path)
+        t0 = time.perf_counter()
+        sub = kiln.client.submit(model["id"], backend="tensorrt-rtx", device="cuda",
+                                 inputs=profile)
+        engine = kiln.client.wait(sub, timeout_s=300)
+        rec.update(via="kiln", engine_id=engine["id"], submit_to_engine_s=round(
+            time.perf_counter() - t0, 1), build_s=engine["build_seconds"],
+            validation_status=engine.get("validation_status"),
+            validation_reason=engine.get("validation_reason"), size=engine.get("size"))
+        # Not validated, so not served by default; served when the request accepts it.
+        again = kiln.client.submit(model["id"], backend="tensorrt-rtx", device="cuda",
+                                   inputs=profile)
+        rec["repeat_default"] = again.get("status")
+        accepted = kiln.client.submit(model["id"], backend="tensorrt-rtx", device="cuda",
+                                      inputs=profile, accept_unvalidated=True)
+        rec["repeat_accept_unvalidated"] = accepted.get("status")
+        plan = work / "kiln.rtx.plan"
+        kiln.client.download(engine["id"], plan)
+        rec.update(runtime_on_this_gpu=deserialize(trt, plan.read_bytes()))
+
+
+def deserialize(trt: Any, plan: bytes) -> dict[str, Any]:
+    """Hand a plan to TensorRT-RTX's runtime here and keep what it logs."""
+    logs: list[str] = []
+
+    class Capture(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            logs.append(f"{severity}: {msg}")
+
+    runtime = trt.Runtime(Capture())
+    engine = runtime.deserialize_cuda_engine(plan)
+    return {"deserialized": engine is not None, "runtime_log": logs[-6:]}
 
 
 def direct_rtx_build(trt: Any, work: Path) -> dict[str, Any]:
@@ -458,7 +486,9 @@ def table() -> str:
                      f" ({cxx.get('version', '')}; cached={cxx.get('cached')}; tried {tried})")
     rtx = RESULTS["steps"].get("tensorrt-rtx", {})
     extra.append("tensorrt-rtx: " + json.dumps({k: rtx.get(k) for k in (
-        "skipped", "via", "version", "build_s", "deserialized", "runtime_log", "error")
+        "skipped", "via", "version", "announced", "build_s", "submit_to_engine_s",
+        "validation_status", "validation_reason", "repeat_default", "repeat_accept_unvalidated",
+        "runtime_on_this_gpu", "deserialized", "runtime_log", "error")
         if rtx.get(k) is not None})[:2000])
     two = RESULTS["steps"].get("two workers, four jobs") or RESULTS["steps"].get("two workers")
     if two:
@@ -493,7 +523,6 @@ def main() -> None:
         programs = export_programs(work, args.quick)
         one_worker_step(work, programs, args.device)
         if args.device == "cuda":
-            tensorrt_rtx_step(work, programs)
             two_worker_step(work, programs, args.budget_s)
     except KeyboardInterrupt:
         RESULTS["errors"].append({"step": "run", "error": f"stopped at {elapsed():.0f} s "

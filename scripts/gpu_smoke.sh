@@ -29,5 +29,5 @@ fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # A fresh compiler cache per run: the builds measured are cold, as a user's first build is.
 export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d /tmp/kiln-inductor-XXXX)"
-timeout 560 python3 scripts/gpu_smoke.py "$@" 2>&1 | tee "$OUT/gpu_smoke.log" | grep -v "^W1"
+timeout "${KILN_SMOKE_TIMEOUT_S:-560}" python3 scripts/gpu_smoke.py "$@" 2>&1 | tee "$OUT/gpu_smoke.log" | grep -v "^W1"
 echo "exit: ${PIPESTATUS[0]}; results in $OUT"

@@ -29,7 +29,10 @@ LATENCY = Histogram("kiln_http_request_seconds", "HTTP request latency", ["endpo
 
 
 def error_response(err: KilnError) -> tuple[Response, int]:
-    return jsonify(err.to_dict()), err.status
+    response = jsonify(err.to_dict())
+    if err.status == 429:  # rate limited: say when to come back (RFC 9110 Retry-After)
+        response.headers["Retry-After"] = str(err.details.get("retry_after_s", 1))
+    return response, err.status
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -89,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     @app.get("/")
     def index() -> ResponseReturnValue:
         # A browser goes to the dashboard; anything else gets a short map of the service.
-        if request.accept_mimetypes.accept_html and not request.accept_mimetypes.accept_json:
+        if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
             return redirect("/admin/")
         return jsonify({"service": "kiln", "api": "/api/v1", "docs": "/api/v1/docs",
                         "targets": "/api/v1/targets", "dashboard": "/admin/",

@@ -38,6 +38,7 @@ from service.services import Services
 from service.uploads import save_upload
 from tests import servers
 from tests.conftest import make_settings
+from tests.factories import record_engine
 
 MAX_EXAMPLES = 25
 DOCUMENTED_5XX = {("POST /api/v1/jobs", 503, "no_worker_for_target")}
@@ -73,13 +74,9 @@ def _seed(services: Services, program: Path) -> dict[str, str]:
     with services.db.session() as s:
         job = jobs.claim(s, built.job.id, "fuzz-worker", 3600)
         assert job is not None
-        engine = jobs.succeed(s, job.id, job.attempts, "fuzz-worker", {
-            "model_hash": model.model_hash, "graph_hash": model.graph_hash,
-            "weights_hash": model.weights_hash, "backend": "aoti", "device": "cpu",
-            "arch": job.arch, "toolchain_id": job.toolchain_id, "toolchain": {},
-            "options": job.options, "profile": job.profile, "artifact_uri": uri,
-            "sha256": "0" * 64, "size": blob.stat().st_size,
-            "build_report": {}, "validation": {}, "benchmark": {}}, {}, "log")
+        record = record_engine(model, job, artifact_uri=uri, size=blob.stat().st_size,
+                               build_report={}, validation={}, benchmark={})
+        engine = jobs.succeed(s, job.id, job.attempts, "fuzz-worker", record, {}, "log")
         assert engine is not None
         engine_id = engine.id
     return {"model_id": model.id, "model": model.id, "job_id": queued.job.id,

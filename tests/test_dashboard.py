@@ -353,8 +353,10 @@ def test_a_revoked_database_key_ends_its_sessions(keyed_app: Flask) -> None:
 def test_without_keys_the_dashboard_is_open(client: FlaskClient) -> None:
     assert client.get("/admin/").status_code == 200
     assert client.get("/admin/login").status_code == 302
-    root = client.get("/")
+    # A browser asking for the service root lands on the dashboard; a script gets the index.
+    root = client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert root.status_code == 302 and root.location == "/admin/"
+    assert client.get("/").get_json()["dashboard"] == "/admin/"
 
 
 # ---- the role matrix and CSRF on every form ---------------------------------------------------

@@ -37,7 +37,8 @@ def test_upload_reads_signature_without_unpickling(live: LiveKiln, programs: dic
     model = live.client.upload(programs["convnet"])
     assert model["inputs"] == [{
         "name": "x", "dtype": "float32",
-        "shape": [{"symbol": model["inputs"][0]["shape"][0]["symbol"], "min": 1, "max": 64},
+        "shape": [{"symbol": model["inputs"][0]["shape"][0]["symbol"], "min": 1, "max": 64,
+                   "label": "dim 0 of x"},
                   3, 32, 32],
         "example_shape": [4, 3, 32, 32]}]
     again = requests.post(f"{live.url}/api/v1/models", data=programs["convnet"].read_bytes())

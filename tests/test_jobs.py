@@ -21,6 +21,7 @@ from sqlalchemy import func, select, update
 from service import jobs, worker_registry
 from service.cache import CacheRequest, Target
 from service.db import upgrade
+from service.engine_record import EngineRecord
 from service.errors import KilnError
 from service.models import TERMINAL_STATES, Job, Submission, utcnow
 from service.services import Services
@@ -176,8 +177,8 @@ def test_state_machine_terminal_states_absorb(tmp_path_factory: pytest.TempPathF
                 fields = {"model_hash": "m", "graph_hash": "g", "weights_hash": "w",
                           "backend": "aoti", "device": "cpu", "arch": "a", "toolchain_id": "t",
                           "toolchain": {}, "options": {}, "profile": [], "artifact_uri": "u",
-                          "sha256": "s", "size": 1}
-                if jobs.succeed(s, job_id, a, w, fields, {}, ""):
+                          "sha256": "0" * 64, "size": 1}
+                if jobs.succeed(s, job_id, a, w, EngineRecord(**fields), {}, ""):
                     successes += 1
             elif action == "cancel":
                 s.execute(update(Job).where(Job.id == job_id, Job.status.notin_(TERMINAL_STATES))
@@ -204,11 +205,11 @@ def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_
     job = jobs.submit(services, "alice", CacheRequest(**request)).job
     with services.db.session() as s:
         claimed = jobs.claim(s, job.id, "w1", 60)
-        engine = jobs.succeed(s, job.id, claimed.attempts, "w1", {
-            "model_hash": "x", "graph_hash": "g", "weights_hash": "w", "backend": "aoti",
-            "device": "cpu", "arch": TARGET.arch, "toolchain_id": TARGET.toolchain_id,
-            "toolchain": {}, "options": job.options, "profile": job.profile,
-            "artifact_uri": "file:///x", "sha256": "0" * 64, "size": 1}, {}, "")
+        engine = jobs.succeed(s, job.id, claimed.attempts, "w1", EngineRecord(
+            model_hash="x", graph_hash="g", weights_hash="w", backend="aoti",
+            device="cpu", arch=TARGET.arch, toolchain_id=TARGET.toolchain_id,
+            toolchain={}, options=job.options, profile=job.profile,
+            artifact_uri="file:///x", sha256="0" * 64, size=1), {}, "")
         engine_id = engine.id
         s.execute(update(jobs.Engine).where(jobs.Engine.id == engine_id).values(
             model_hash=s.get(jobs.Model, model_id).model_hash))

@@ -84,16 +84,22 @@ def test_kiln_serve_starts_api_and_worker(tmp_path: Path) -> None:
          str(tmp_path / "data")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     try:
-        url = None
+        url = key = None
         deadline = time.monotonic() + 240
         while url is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, "kiln serve exited"
+            # A fresh data dir: serve makes the first admin key and prints it once.
+            if found := re.search(r"shown only now: (\S+)", line):
+                key = found.group(1)
             match = re.search(r"serving on (http://\S+)", line)
             url = match.group(1) if match else None
         assert url, "kiln serve printed no URL"
+        assert key, "kiln serve printed no first admin key"
         assert requests.get(f"{url}/healthz").json() == {"status": "ok"}
-        workers = requests.get(f"{url}/api/v1/workers").json()["workers"]
+        assert requests.get(f"{url}/api/v1/workers").status_code == 401
+        workers = requests.get(f"{url}/api/v1/workers",
+                               headers={"Authorization": f"Bearer {key}"}).json()["workers"]
         assert {t["backend"] for t in workers[0]["targets"]} >= {"aoti", "onnx"}
         assert (tmp_path / "data" / "kiln.db").exists()
     finally:

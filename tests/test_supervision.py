@@ -43,7 +43,10 @@ def test_worker_killed_mid_build_is_replaced_and_the_job_finishes(
     log_path = tmp_path / "serve.log"
     # A long lease: only the supervisor's fail-over, not the lease sweeper, can requeue in time.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-    env.update(KILN_LEASE_S="600", KILN_SWEEP_INTERVAL_S="2", PYTHONUNBUFFERED="1")
+    env.update(KILN_LEASE_S="600", KILN_SWEEP_INTERVAL_S="2", PYTHONUNBUFFERED="1",
+               KILN_API_KEYS="sup-key:sup:admin")
+    http = requests.Session()
+    http.headers["Authorization"] = "Bearer sup-key"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--data-dir",
@@ -56,29 +59,29 @@ def test_worker_killed_mid_build_is_replaced_and_the_job_finishes(
             return match.group(1) if match else None
 
         base = _wait(url, 240, "kiln serve's URL", every_s=0.3)
-        kiln = KilnClient(base)
+        kiln = KilnClient(base, api_key="sup-key")
         model = kiln.upload(programs["two_inputs"])
         job = kiln.submit(model["id"], backend="onnx", inputs=PROFILE)
         assert job["submit"] == "queued"
         job_url = f"{base}/api/v1/jobs/{job['id']}"
-        _wait(lambda: requests.get(job_url).json()["status"] in ("building", "validating"),
+        _wait(lambda: http.get(job_url).json()["status"] in ("building", "validating"),
               120, "the build to start", every_s=0.05)
-        (first,) = requests.get(f"{base}/api/v1/workers").json()["workers"]
+        (first,) = http.get(f"{base}/api/v1/workers").json()["workers"]
         dead_pid = first["host"]["pid"]
         os.kill(dead_pid, signal.SIGKILL)
 
         # The job says what happened while it waits for the new worker.
-        said = _wait(lambda: (requests.get(job_url).json().get("error") or {}).get("message"),
+        said = _wait(lambda: (http.get(job_url).json().get("error") or {}).get("message"),
                      30, "the job to say its worker died", every_s=0.05)
         assert f"pid {dead_pid}" in said and "SIGKILL" in said, said
         # Reaped at once: no zombie left behind.
         _wait(lambda: not _zombie_or_alive(dead_pid), 10, "the dead worker to be reaped")
 
         done = _wait(lambda: (lambda j: j if j["status"] in ("succeeded", "failed") else None)(
-            requests.get(job_url).json()), 300, "the job to finish", every_s=0.5)
+            http.get(job_url).json()), 300, "the job to finish", every_s=0.5)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
-        (second,) = requests.get(f"{base}/api/v1/workers").json()["workers"]
+        (second,) = http.get(f"{base}/api/v1/workers").json()["workers"]
         assert second["host"]["pid"] != dead_pid
         log = log_path.read_text()
         assert re.search(rf"worker \(pid {dead_pid}\) killed by SIGKILL.*requeued job\(s\) "

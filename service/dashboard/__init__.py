@@ -41,7 +41,7 @@ from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from service import api_keys, audit, jobs, queries, store_budget
+from service import api_keys, audit, jobs, store_budget
 from service.auth import Caller, keys_configured, require_admin, resolve_key
 from service.cache import CacheRequest
 from service.dashboard import queries as q
@@ -338,7 +338,7 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 def retry_job(job_id: str) -> ResponseReturnValue:
     """Submit the job's request again, as its owner, with reuse=never (it must build)."""
     with services().db.session() as s:
-        job = queries.get_job(s, job_id, None)
+        job, _ = q.get_job(s, job_id)
         if job.status not in ("failed", "cancelled"):
             raise KilnError("job_not_retryable",
                             f"job {job_id} is {job.status}: only failed or cancelled jobs are "
