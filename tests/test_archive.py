@@ -794,3 +794,26 @@ def test_bounded_powers_torch_writes_pass() -> None:
     check_sympy_expression("Pow(Symbol('s0', integer=True, positive=True), Integer(2))")
     check_sympy_expression("FloatPow(Symbol('s0'), Float('0.5'))")
     check_guard("L['x'].size()[0] ** 2 <= 4096")
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["convnet-torch211.pt2", "tiny-torch211.pt2"])
+def test_archives_torch_2_11_wrote_on_the_gpu_host_pass_intake(name: str) -> None:
+    """Saved by torch 2.11 under Python 3.12 on the lent H200 (zip64 end records). Python 3.12's
+    zipfile reports the zip64 record's offset as the end record's location, which once made
+    intake refuse every such upload as having "bytes after its end record"."""
+    path = DATA / name
+    raw = path.read_bytes()
+    assert raw.rfind(b"PK\x06\x06") > 0, "the fixture is a zip64 archive"
+    first = inspect_archive(path).inputs[0]
+    assert first.name == "x" and first.dims[0].min == 1 and first.dims[0].label == "dim 0 of x"
+
+
+def test_a_byte_after_the_end_record_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "extra.pt2"
+    bad.write_bytes((DATA / "tiny-torch211.pt2").read_bytes() + b"\0")
+    with pytest.raises(KilnError) as exc:
+        inspect_archive(bad)
+    assert exc.value.code == "archive_extra_bytes"

@@ -172,14 +172,18 @@ def check_layout(fh: Any, zf: zipfile.ZipFile, file_size: int) -> None:
     for gigabytes), and only then does every reader see the same bytes. The local header's
     name must equal the directory's: readers that trust one or the other would disagree.
     """
-    endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
-    comment = endrec[zipfile._ECD_COMMENT]  # type: ignore[attr-defined]
-    eocd_at = int(endrec[zipfile._ECD_LOCATION])  # type: ignore[attr-defined]
-    cd_size = int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
-    if comment or eocd_at + 22 != file_size:
+    # With no comment, the end record is the file's last 22 bytes. Read it here rather than
+    # trust zipfile's record location: Python 3.12 reports the zip64 record's offset there
+    # (torch writes zip64 archives), 3.11 the classic record's.
+    fh.seek(max(0, file_size - 22))
+    tail = fh.read(22)
+    if len(tail) != 22 or tail[:4] != b"PK\x05\x06" or tail[20:22] != b"\x00\x00":
         raise refuse("archive_extra_bytes", "the archive has a comment or bytes after its end "
                      "record; upload the file exactly as torch.export.save wrote it",
                      where="end")
+    eocd_at = file_size - 22
+    endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
+    cd_size = int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]  (zip64-aware)
     cd_at = zf.start_dir
     if cd_at + cd_size not in (eocd_at, eocd_at - _ZIP64_TAIL):
         raise refuse("archive_extra_bytes", "the archive has bytes between its central "
