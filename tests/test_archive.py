@@ -672,6 +672,8 @@ def test_subgraph_value_names_are_checked(tmp_path: Path) -> None:
     "torch.os.system",  # any callable reachable from torch by attribute resolves
     "builtins.eval",
     "torch.ops.aten.__getattr__.default",
+    "torch.ops.aten.__class__.default",
+    "torch.ops.aten.__and__.__init__",
     "torch.ops.mylib.evil.default",
     "torch.ops.higher_order.evil",
     "#extension",
@@ -817,3 +819,19 @@ def test_a_byte_after_the_end_record_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KilnError) as exc:
         inspect_archive(bad)
     assert exc.value.code == "archive_extra_bytes"
+
+
+class _MaskAnd(torch.nn.Module):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x * ((mask > 0) & (x > 0)).float()
+
+
+def test_aten_operators_with_dunder_names_pass(tmp_path: Path) -> None:
+    """``a & b`` on tensors exports as aten.__and__.Tensor (transformers' mask code has it):
+    MiniLM's architecture was refused until these were allowed."""
+    path = tmp_path / "mask_and.pt2"
+    save(export(_MaskAnd(), (torch.randn(2, 4), torch.ones(2, 4))), path)
+    assert "torch.ops.aten.__and__.Tensor" in zipfile.ZipFile(path).read(
+        next(n for n in zipfile.ZipFile(path).namelist() if n.endswith("models/model.json"))
+    ).decode()
+    assert inspect_archive(path).inputs[0].name == "x"

@@ -194,6 +194,12 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
     for name in _ETC:
         # Only what the loader, the compiler and getpwuid need; not the host's config.
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    args += [
+        # Private, empty, writable scratch: compiler temporaries and caches die with the
+        # build (a cache shared between tenants' builds could be poisoned by one of them).
+        # Mounted before the toolchain, so a toolchain that lives under /tmp stays visible.
+        "--tmpfs", "/tmp",  # noqa: S108  (the sandbox's own tmpfs, not the host's /tmp)
+    ]
     for root in _toolchain_roots():
         # The interpreter, the venv's site-packages (torch, the backends) and Kiln's own
         # package, read-only.
@@ -204,9 +210,6 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
         "--proc", "/proc",
         # A minimal /dev (null, zero, random, urandom, shm, pts), no host devices.
         "--dev", "/dev",
-        # Private, empty, writable scratch: compiler temporaries and caches die with the
-        # build (a cache shared between tenants' builds could be poisoned by one of them).
-        "--tmpfs", "/tmp",  # noqa: S108  (the sandbox's own tmpfs, not the host's /tmp)
     ]
     if gpu is None:
         gpu = bool(glob.glob("/dev/nvidia*"))

@@ -36,6 +36,11 @@ _RESERVED = (frozenset(keyword.kwlist)
 
 # Node targets: operator overloads of these namespaces (torch.ops.<ns>.<op>.<overload>) ...
 _OP_NAMESPACES = frozenset({"aten", "prims"})
+# aten's own operators with dunder names (``x & mask`` exports as aten.__and__.Tensor: the
+# attention-mask code in transformers emits it). Other dunders would reach Python attributes
+# of the namespace object (``__class__``), so only these are allowed.
+_ATEN_DUNDERS = frozenset(f"__{n}__" for n in (
+    "and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor", "ilshift", "irshift"))
 # ... the higher-order operators torch.export emits (torch.ops.higher_order.<name>) ...
 _HIGHER_ORDER = frozenset({
     "cond", "while_loop", "map_impl", "scan", "associative_scan", "invoke_subgraph",
@@ -92,7 +97,10 @@ def is_target(target: Any) -> bool:
         return False
     if len(parts) == 4 and parts[2] == "higher_order":
         return parts[3] in _HIGHER_ORDER
-    return len(parts) == 5 and parts[2] in _OP_NAMESPACES and not parts[3].startswith("__")
+    return (len(parts) == 5 and parts[2] in _OP_NAMESPACES
+            and (not parts[3].startswith("__")
+                 or (parts[2] == "aten" and parts[3] in _ATEN_DUNDERS))
+            and not parts[4].startswith("__"))
 
 
 def _module_path(fqn: Any) -> bool:
