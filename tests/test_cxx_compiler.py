@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from workers import cxx_compiler
-from workers.cxx_compiler import candidates, choose, compiler_env
+from workers.cxx_compiler import c_compiler_beside, candidates, choose, compiler_env
 
 pytestmark = pytest.mark.skipif(not shutil.which("g++") or not shutil.which("readelf"),
                                 reason="needs g++ and readelf")
@@ -57,7 +57,10 @@ def test_static_wrapper_refused_system_gxx_chosen_then_cached(tmp_path: Path) ->
     assert not any(n.startswith("libstdc++") for n in static["needed"])
     assert missing["ok"] is False and "not found" in missing["reason"]
     assert any(n.startswith("libstdc++") for n in choice["tried"][-1]["needed"])
-    assert compiler_env(choice) == {"KILN_AOTI_CXX": gxx}
+    env = compiler_env(choice)
+    assert env["KILN_AOTI_CXX"] == gxx
+    # Triton compiles its launcher with $CC: the C compiler of the same toolchain.
+    assert env.get("CC") == c_compiler_beside(gxx) and Path(env["CC"]).name.endswith(("gcc", "cc"))
 
     t0 = time.monotonic()
     again = choose(env)

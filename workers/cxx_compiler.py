@@ -192,10 +192,31 @@ def last_choice() -> dict[str, Any] | None:
     return _chosen
 
 
+_C_BESIDE = (("clang++", "clang"), ("g++", "gcc"), ("c++", "cc"))
+
+
+def c_compiler_beside(cxx: str) -> str | None:
+    """The C compiler of the same toolchain (``/usr/bin/g++`` -> ``/usr/bin/gcc``), if present.
+
+    Triton compiles its CUDA launcher with ``$CC``: left at an image's ``CC`` (the same static
+    wrapper as its ``CXX`` on the lent GPU hosts), CUDA builds failed inside the sandbox."""
+    path = Path(cxx)
+    for plus, plain in _C_BESIDE:
+        if path.name.endswith(plus):
+            sibling = path.with_name(path.name[: -len(plus)] + plain)
+            return str(sibling) if sibling.is_file() and os.access(sibling, os.X_OK) else None
+    return None
+
+
 def compiler_env(choice: Mapping[str, Any] | None) -> dict[str, str]:
-    """The environment that makes build children use the chosen compiler (none: unchanged)."""
-    return {"KILN_AOTI_CXX": str(choice["compiler"])} if choice and choice.get("compiler") \
-        else {}
+    """The environment that makes build children use the chosen compiler (none: unchanged):
+    AOTInductor's C++ compiler, and the C compiler beside it for Triton."""
+    if not choice or not choice.get("compiler"):
+        return {}
+    env = {"KILN_AOTI_CXX": str(choice["compiler"])}
+    if cc := c_compiler_beside(str(choice["compiler"])):
+        env["CC"] = cc
+    return env
 
 
 if __name__ == "__main__":

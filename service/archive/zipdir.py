@@ -183,7 +183,8 @@ def check_layout(fh: Any, zf: zipfile.ZipFile, file_size: int) -> None:
                      where="end")
     eocd_at = file_size - 22
     endrec = zipfile._EndRecData(fh)  # type: ignore[attr-defined]
-    cd_size = int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]  (zip64-aware)
+    # zipfile fills the directory size from the zip64 record where there is one.
+    cd_size = int(endrec[zipfile._ECD_SIZE])  # type: ignore[attr-defined]
     cd_at = zf.start_dir
     if cd_at + cd_size not in (eocd_at, eocd_at - _ZIP64_TAIL):
         raise refuse("archive_extra_bytes", "the archive has bytes between its central "
