@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # What the tests need from the operating system: bubblewrap contains every build child, chromium
 # drives the dashboard's browser tests. Installed with apt-get when missing (as root, or sudo).
-SYSTEM_PACKAGES := bubblewrap:bwrap chromium:chromium
+SERVE_PACKAGES := bubblewrap:bwrap
+TEST_PACKAGES := $(SERVE_PACKAGES) chromium:chromium
 
-.PHONY: serve test lint typecheck system-packages bench gpu-test clean
+.PHONY: serve test lint typecheck serve-packages test-packages bench gpu-test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -14,8 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[worker,onnx,tensorrt-rtx,test]'
 	touch $(STAMP)
 
-system-packages:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $${p#*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
+serve-packages:
+	@$(MAKE) -s _apt PACKAGES="$(SERVE_PACKAGES)"
+
+test-packages:
+	@$(MAKE) -s _apt PACKAGES="$(TEST_PACKAGES)"
+
+_apt:
+	@missing=""; for p in $(PACKAGES); do command -v $${p#*:} >/dev/null || missing="$$missing $${p%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
@@ -23,7 +30,7 @@ system-packages:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null; \
 	fi
 
-serve: system-packages $(STAMP)
+serve: serve-packages $(STAMP)
 	$(VENV)/bin/kiln serve
 
 lint: $(STAMP)
@@ -33,7 +40,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 	scripts/typecheck_tensorrt.sh
 
-test: system-packages $(STAMP) lint typecheck
+test: test-packages $(STAMP) lint typecheck
 	$(PY) -m pytest -q -ra
 
 bench: $(STAMP)
