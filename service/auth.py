@@ -71,19 +71,23 @@ def presented_token() -> str:
 
 
 def authenticate() -> Caller:
-    if not keys_configured():
-        return LOCAL
+    # The presented credential first: a valid key answers without asking whether any keys
+    # exist (one query fewer on every authenticated request, cache hits included).
     given = presented_token()
-    found = resolve_key(given) if given else None
-    if not given and request.blueprint == "dashboard":
+    found = None
+    if given:
+        found = resolve_key(given)
+    elif request.blueprint == "dashboard":
         # Browsers cannot send headers: the dashboard's signed session holds the hash of a key
         # that was checked at sign-in (never the key itself), and is checked again here.
         key_hash = session.get("key_hash")
         found = resolve_key_hash(key_hash) if isinstance(key_hash, str) else None
-    if found is None:
-        raise KilnError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
-                        401)
-    return found
+    if found is not None:
+        return found
+    if not keys_configured():
+        return LOCAL
+    raise KilnError("unauthorized", "a valid API key is required (Authorization: Bearer KEY)",
+                    401)
 
 
 def caller() -> Caller:

@@ -28,13 +28,18 @@ def visible_model_hashes(session: Session, scope: str | None) -> set[str] | None
     return None if owned is None else set(session.scalars(owned))
 
 
+def _one(session: Session, q: Select[tuple[Any]], what: str, ident: str) -> Any:
+    found = session.scalars(q).first()
+    if found is None:
+        raise NotFound(what, ident)
+    return found
+
+
 def get_model(session: Session, model_id: str, scope: str | None) -> Model:
     q = select(Model).where(Model.id == model_id)
     if scope is not None:
         q = q.where(Model.owner == scope)
-    model = session.scalars(q).first()
-    if model is None:
-        raise NotFound("model", model_id)
+    model: Model = _one(session, q, "model", model_id)
     return model
 
 
@@ -42,9 +47,7 @@ def get_job(session: Session, job_id: str, scope: str | None) -> Job:
     q = select(Job).where(Job.id == job_id)
     if scope is not None:
         q = q.where(Job.owner == scope)
-    job = session.scalars(q).first()
-    if job is None:
-        raise NotFound("job", job_id)
+    job: Job = _one(session, q, "job", job_id)
     return job
 
 
@@ -58,9 +61,7 @@ def get_engine(session: Session, engine_id: str, scope: str | None) -> Engine:
     owned = owned_hashes(scope)
     if owned is not None:
         q = q.where(Engine.model_hash.in_(owned))
-    engine = session.scalars(q).first()
-    if engine is None:
-        raise NotFound("engine", engine_id)
+    engine: Engine = _one(session, q, "engine", engine_id)
     return engine
 
 
