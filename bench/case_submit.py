@@ -25,7 +25,7 @@ from bench.kiln import KilnStack, ensure_programs, kiln_stack, synthetic_target
 from service.models import Engine, Submission
 
 CASE = "cache-hit submit"
-P99_GOAL_MS = 20.0
+P99_GOAL_RATIO = 3.0  # p99 at most 3x the trivial endpoint's, at P99_GOAL_CLIENTS
 P99_GOAL_CLIENTS = 32
 RPS_GOAL = 0.5
 
@@ -36,7 +36,9 @@ REQUEST_INPUTS = [{"name": "x", "min": [1, 3, 32, 32], "opt": [4, 3, 32, 32],
 
 
 def prepare(kiln: KilnStack, program: Any) -> tuple[bytes, str]:
-    """Upload the program, store one engine for it, and check a submit is a cache hit."""
+    """Upload the program, store one engine for it, and check a submit is a cache hit; requests
+    authenticate with a database key, as in production."""
+    kiln.create_key()
     target = synthetic_target()
     kiln.add_fake_worker(target)
     model = kiln.upload(program)
@@ -45,7 +47,7 @@ def prepare(kiln: KilnStack, program: Any) -> tuple[bytes, str]:
     body = json.dumps({"model_id": model["id"], "backend": "aoti", "device": "cpu",
                        "inputs": REQUEST_INPUTS}).encode()
     resp = requests.post(f"{kiln.url}/api/v1/jobs", data=body, timeout=30,
-                         headers={"Content-Type": "application/json"})
+                         headers={"Content-Type": "application/json", **kiln.headers})
     if resp.status_code != 200 or resp.json().get("status") != "cached":
         raise BenchError(f"a submit is not a cache hit: {resp.status_code} {resp.text[:500]}")
     return body, engine.id
@@ -53,16 +55,20 @@ def prepare(kiln: KilnStack, program: Any) -> tuple[bytes, str]:
 
 def counts(kiln: KilnStack, engine_id: str) -> tuple[int, int]:
     """(submissions recorded as cached, the engine's hit counter)."""
+    # One statement, so one snapshot: a hit committing meanwhile is in both numbers or neither
+    # (its count and its submission row commit together).
+    cached = select(func.count()).select_from(Submission).where(
+        Submission.outcome == "cached").scalar_subquery()
+    hits = select(Engine.hits).where(Engine.id == engine_id).scalar_subquery()
     with kiln.db.session() as s:
-        cached = s.scalar(select(func.count()).select_from(Submission)
-                          .where(Submission.outcome == "cached")) or 0
-        hits = s.scalar(select(Engine.hits).where(Engine.id == engine_id)) or 0
-    return cached, hits
+        row = s.execute(select(cached, hits)).one()
+    return int(row[0] or 0), int(row[1] or 0)
 
 
-def measure(url: str, body: bytes, clients: int, duration: float) -> dict[str, Any]:
-    wrk(url, clients, min(2.0, duration), method="POST", body=body)  # warm-up, not counted
-    return wrk(url, clients, duration, method="POST", body=body)
+def measure(url: str, body: bytes, clients: int, duration: float,
+            api_key: str | None) -> dict[str, Any]:
+    wrk(url, clients, min(2.0, duration), method="POST", body=body, api_key=api_key)  # warm-up
+    return wrk(url, clients, duration, method="POST", body=body, api_key=api_key)
 
 
 def run_case(run: Run) -> None:
@@ -78,9 +84,9 @@ def run_case(run: Run) -> None:
         raw["request_body"] = json.loads(body)
         for clients in levels:
             before = counts(kiln, engine_id)
-            k = measure(f"{kiln.url}/api/v1/jobs", body, clients, run.duration_s)
+            k = measure(f"{kiln.url}/api/v1/jobs", body, clients, run.duration_s, kiln.api_key)
             after = counts(kiln, engine_id)
-            b = measure(f"{base.url}/api/v1/jobs", body, clients, run.duration_s)
+            b = measure(f"{base.url}/api/v1/jobs", body, clients, run.duration_s, kiln.api_key)
             k["submissions_cached"] = after[0] - before[0]
             k["hits_counted"] = after[1] - before[1]
             raw["kiln"][clients], raw["baseline"][clients] = k, b
@@ -106,7 +112,7 @@ def run_case(run: Run) -> None:
     for clients in ([32] if run.quick else [1, 32]):
         with kiln_stack(run, "submit-sqlite", database="sqlite") as kiln:
             body, engine_id = prepare(kiln, program)
-            k = measure(f"{kiln.url}/api/v1/jobs", body, clients, run.duration_s)
+            k = measure(f"{kiln.url}/api/v1/jobs", body, clients, run.duration_s, kiln.api_key)
             raw["sqlite"][clients] = k
             run.add(Row(CASE, f"SQLite (embedded default), c={clients}", "req/s", k["rps"],
                         unit="req/s", note=f"p50 {k['p50_ms']:.1f} ms, p99 {k['p99_ms']:.1f} ms"
@@ -125,8 +131,9 @@ def _rows(run: Run, clients: int, k: dict[str, Any], b: dict[str, Any]) -> None:
     run.add(Row(CASE, config, "p50 ms", k["p50_ms"], b["p50_ms"], k["p50_ms"] / b["p50_ms"],
                 unit="ms"))
     run.add(Row(CASE, config, "p99 ms", k["p99_ms"], b["p99_ms"], k["p99_ms"] / b["p99_ms"],
-                goal=f"<= {P99_GOAL_MS:g} ms" if p99_goal else "",
-                met=(k["p99_ms"] <= P99_GOAL_MS) if p99_goal else None, unit="ms"))
+                goal=f"<= {P99_GOAL_RATIO:g}x baseline" if p99_goal else "",
+                met=(k["p99_ms"] <= P99_GOAL_RATIO * b["p99_ms"]) if p99_goal else None,
+                unit="ms"))
     note = _error_note(k).lstrip("; ")
     run.add(Row(CASE, config, "req/s", k["rps"], b["rps"], k["rps"] / b["rps"],
                 goal=f">= {RPS_GOAL:.0%} of baseline", met=k["rps"] >= RPS_GOAL * b["rps"]
@@ -143,7 +150,8 @@ def _profile(run: Run, kiln: KilnStack, body: bytes) -> dict[str, Any]:
     log(f"{CASE}: profiling c={P99_GOAL_CLIENTS} with py-spy -> {out}")
     seconds = max(5.0, run.duration_s)
     spy = profile_gunicorn(kiln.api.proc.pid, seconds + 1, out)  # type: ignore[union-attr]
-    load = wrk(f"{kiln.url}/api/v1/jobs", P99_GOAL_CLIENTS, seconds, method="POST", body=body)
+    load = wrk(f"{kiln.url}/api/v1/jobs", P99_GOAL_CLIENTS, seconds, method="POST", body=body,
+               api_key=kiln.api_key)
     spy.wait(timeout=120)
     summary = summarize_profile(out)
     summary.update({"file": str(out), "under_profiler": {

@@ -388,13 +388,13 @@ http {{
 
 def wrk(url: str, connections: int, duration_s: float, *, method: str = "GET",
         body: bytes | None = None, content_type: str = "application/json",
-        threads: int = 1, timeout_s: int = 10) -> dict[str, Any]:
+        threads: int = 1, timeout_s: int = 10, api_key: str | None = None) -> dict[str, Any]:
     """Run wrk once (closed loop: each connection sends its next request when the last one is
     answered); returns requests/s, latency percentiles in ms and error counts."""
     with tempfile.TemporaryDirectory(prefix="kiln-wrk-") as d:
         out = Path(d) / "result.json"
         env = {**os.environ, "WRK_METHOD": method, "WRK_OUT": str(out),
-               "WRK_CONTENT_TYPE": content_type}
+               "WRK_CONTENT_TYPE": content_type, "WRK_AUTH": f"Bearer {api_key}" if api_key else ""}
         if body is not None:
             (Path(d) / "body").write_bytes(body)
             env["WRK_BODY_FILE"] = str(Path(d) / "body")

@@ -30,6 +30,7 @@ from bench.common import (
     throwaway_database,
 )
 from kiln.client import KilnClient
+from service import api_keys
 from service.cache import Target, cache_key, digest, profile_shapes, toolchain_id
 from service.db import Database, upgrade
 from service.models import Engine, Model, Worker, utcnow
@@ -57,13 +58,24 @@ class KilnStack:
     worker: subprocess.Popen[bytes] | None = None
     worker_log: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    api_key: str | None = None  # a database key, as `kiln serve` makes (None: single-user)
 
     @property
     def url(self) -> str:
         return self.api.url
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def client(self) -> KilnClient:
-        return KilnClient(self.api.url, timeout=120)
+        return KilnClient(self.api.url, api_key=self.api_key, timeout=120)
+
+    def create_key(self, owner: str = "bench", role: str = "user") -> str:
+        """A database API key (the production setting): requests then authenticate with it."""
+        with self.db.session() as s:
+            self.api_key = api_keys.create(s, owner, role).secret
+        return self.api_key
 
     def upload(self, path: Path) -> dict[str, Any]:
         return self.client().upload(path)

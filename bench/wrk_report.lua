@@ -2,6 +2,7 @@
 --   WRK_METHOD        GET (default) or POST
 --   WRK_BODY_FILE     file whose bytes are every request's body (optional)
 --   WRK_CONTENT_TYPE  Content-Type of that body (default application/json)
+--   WRK_AUTH          Authorization header value (optional)
 --   WRK_OUT           where done() writes {"requests", "duration_us", "latency_us", "errors"}
 wrk.method = os.getenv("WRK_METHOD") or "GET"
 local body_file = os.getenv("WRK_BODY_FILE")
@@ -10,6 +11,11 @@ if body_file and body_file ~= "" then
   wrk.body = f:read("*a")
   f:close()
   wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE") or "application/json"
+end
+
+local auth = os.getenv("WRK_AUTH")
+if auth and auth ~= "" then
+  wrk.headers["Authorization"] = auth
 end
 
 function done(summary, latency, requests)

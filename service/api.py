@@ -10,7 +10,7 @@ from spectree import Response as Resp
 from spectree import SpecTree
 from werkzeug.exceptions import BadRequest
 
-from service import api_keys, cache, job_events, jobs, queries, uploads, worker_registry
+from service import cache, job_events, jobs, queries, uploads, worker_registry
 from service.auth import caller, require_admin
 from service.cache import CacheRequest
 from service.downloads import artifact_response, download_name
@@ -162,9 +162,7 @@ def get_model(model_id: str) -> Response:
 def submit_job(json: JobRequest) -> tuple[Response, int]:
     """Submit a compile job; answered from the cache (200) or queued/joined (202)."""
     who = caller()
-    with services().db.session() as s:
-        api_keys.limit_submissions(s, who.key_hash)
-    result = jobs.submit(services(), who.owner, json.cache_request(), who.scope)
+    result = jobs.submit(services(), who.owner, json.cache_request(), who.scope, who.key_hash)
     if result.engine is not None:
         return jsonify({"status": "cached", "engine_id": result.engine.id,
                         "reason": result.reason, "engine": engine_json(result.engine)}), 200

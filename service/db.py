@@ -8,6 +8,7 @@ migrations folder sits at the repository's top level and ships inside the wheel 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.errors import KilnError
@@ -43,21 +45,62 @@ def migrations_dir() -> Path:
     return installed
 
 
-def make_engine(url: str) -> Engine:
+# A pooled connection idle longer than this is pinged before use (a restarted database or a
+# firewall's idle timeout leaves dead connections in the pool). Busy connections are not: a
+# ping on every checkout (SQLAlchemy's pool_pre_ping) was one more round trip on every request.
+IDLE_PING_S = 10.0
+
+
+def make_engine(url: str, autocommit: bool = False) -> Engine:
+    """An engine for ``url``; ``autocommit``: every statement commits on its own (see
+    ``Database.autocommit``)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while a worker writes; foreign keys are off by default.
+            # synchronous=NORMAL is SQLite's advice for WAL: a commit no longer waits for an
+            # fsync (the database stays consistent; a power cut may lose the last commits).
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    if autocommit:
+        # Asynchronous commit for these connections only: see Database.autocommit.
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=20,
+                               connect_args={"options": "-c synchronous_commit=off"})
+    else:
+        engine = create_engine(url, pool_size=10, max_overflow=20)
+    _ping_when_idle(engine, autocommit)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, autocommit: bool) -> None:
+    """SQLAlchemy's documented pessimistic-disconnect recipe, for idle connections only."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_S:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+            if not autocommit:
+                dbapi_conn.rollback()  # the ping opened a transaction: end it
+        except Exception as exc:
+            raise DisconnectionError("the pooled connection is dead") from exc  # pool retries
 
 
 class Database:
@@ -65,6 +108,7 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._autocommit_engine = make_engine(url, autocommit=True)  # connects when used
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -78,8 +122,32 @@ class Database:
         finally:
             session.close()
 
+    @contextmanager
+    def autocommit(self) -> Iterator[Session]:
+        """A session in which every statement is its own transaction, committed without
+        waiting for the database's log flush: no BEGIN, no COMMIT, no flush wait.
+
+        For the request path's reads and single-statement writes only (authentication, cache
+        lookups, counting a hit: a cache hit costs two round trips). Several statements here
+        are not atomic together, so state changes of jobs and engines never use it. On
+        PostgreSQL ``synchronous_commit=off`` holds for these connections only: a commit is
+        visible to every reader at once and survives a restart of Kiln; only a crash of the
+        database server itself may drop the last fraction of a second of such writes (at most
+        3 x wal_writer_delay) - hit counts and submission rows, never a job or an engine.
+        """
+        session = Session(self._autocommit_engine, expire_on_commit=False)
+        try:
+            yield session
+            session.commit()  # flushes ORM changes; the connection commits each statement
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
     def dispose(self) -> None:
         self.engine.dispose()
+        self._autocommit_engine.dispose()
 
 
 def alembic_config(url: str) -> Config:

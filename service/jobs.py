@@ -9,16 +9,28 @@ never change again.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, Update, bindparam, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    CursorResult,
+    DateTime,
+    String,
+    Table,
+    Update,
+    bindparam,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, NoResultFound
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from service import cache, queries, worker_registry
+from service import api_keys, cache, queries, worker_registry
 from service.cache import CacheRequest, digest
 from service.celery_app import publish_build
 from service.engine_record import EngineRecord
@@ -39,24 +51,63 @@ class SubmitResult:
     warnings: list[str] | None = None
 
 
+# Per process, the answer to a request that a stored engine served is reused for RECENT_HIT_S
+# seconds (the live-target set's own age, worker_registry.CACHE_S): a CI pipeline asking the
+# same thing again costs one statement, the count. The count proves the engine still exists -
+# an evicted engine fails it and the request is resolved afresh - and what an engine serves
+# never changes once stored, so the one staleness is the live-target set's: an engine stored
+# in the last seconds that would rank higher is chosen a moment later.
+RECENT_HIT_S = worker_registry.CACHE_S
+RECENT_HITS_MAX = 10_000
+_recent_hits: dict[tuple[str, str | None, str], tuple[float, Model, Engine, str]] = {}
+
+
+def _recent_key(services: Services, request: CacheRequest, scope: str | None
+                ) -> tuple[str, str | None, str]:
+    # The dataclass's repr names every field (a dict in another order is only a cache miss).
+    return services.db.url, scope, repr(request)
+
+
+def _remember_hit(key: tuple[str, str | None, str], model: Model, engine: Engine,
+                  reason: str) -> None:
+    if len(_recent_hits) >= RECENT_HITS_MAX:
+        _recent_hits.clear()  # bounded: a burst of distinct requests cannot grow it
+    _recent_hits[key] = (time.monotonic() + RECENT_HIT_S, model, engine, reason)
+
+
 def submit(services: Services, owner: str, request: CacheRequest,
-           scope: str | None = None) -> SubmitResult:
+           scope: str | None = None, key_hash: str | None = None) -> SubmitResult:
     """Answer a compile request from the cache, join an identical build, or queue a new one.
 
     ``owner`` owns the job and the submission record; ``scope`` is whose models the request may
-    name (the caller's ``Caller.scope``; None: any, for an admin).
+    name (the caller's ``Caller.scope``; None: any, for an admin); ``key_hash`` is the key whose
+    build tokens a new build spends (``api_keys.limit_submissions``). Hits and joins start no
+    build and spend none: a CI pipeline's cache hits are never rate limited.
     """
     ttl = services.settings.worker_ttl_s
-    with services.db.session() as session:
-        found = cache.resolve(session, request, scope,
-                              worker_registry.live_targets_cached(session, ttl))
+    recent_key = _recent_key(services, request, scope)
+    recent = _recent_hits.get(recent_key)
+    if recent is not None and time.monotonic() < recent[0]:
+        _, model, engine, reason = recent
+        with services.db.autocommit() as fast:
+            hit = _record_hit(services, fast, owner, request, model, engine, reason)
+        if hit is not None:
+            return hit
+        _recent_hits.pop(recent_key, None)  # evicted: resolve afresh
+    # The lookup and a hit's count run on autocommit connections: no BEGIN, no COMMIT.
+    with services.db.autocommit() as fast:
+        found = cache.resolve(fast, request, scope,
+                              worker_registry.live_targets_cached(fast, ttl))
         if found.target is None and found.engine is None and request.toolchain is None:
             # "No worker" is never answered from the per-process cache: one may just have started.
-            found = cache.resolve(session, request, scope,
-                                  worker_registry.live_targets(session, ttl))
-        model = found.model
+            found = cache.resolve(fast, request, scope, worker_registry.live_targets(fast, ttl))
         if found.engine is not None:
-            return _record_hit(session, owner, request, model, found.engine, found.reason)
+            hit = _record_hit(services, fast, owner, request, found.model, found.engine,
+                              found.reason)
+            if hit is None:  # the engine was evicted between the lookup and the count
+                return submit(services, owner, request, scope, key_hash)
+            _remember_hit(recent_key, found.model, found.engine, found.reason)
+            return hit
         if found.target is None:
             raise KilnError(
                 "no_worker_for_target",
@@ -64,9 +115,10 @@ def submit(services: Services, owner: str, request: CacheRequest,
                 + (f" arch={request.arch}" if request.arch else "")
                 + (f" toolchain={request.toolchain}" if request.toolchain else "")
                 + "; start one (`kiln worker`) or pick a target from details.live_targets",
-                status=503, details={"live_targets": worker_registry.live_targets(session, ttl),
+                status=503, details={"live_targets": worker_registry.live_targets(fast, ttl),
                                      "misses": found.misses})
-        target, options, profile = found.target, found.options, found.profile
+    model, target, options, profile = found.model, found.target, found.options, found.profile
+    with services.db.session() as session:
         key = cache.cache_key(model.model_hash, target, options, profile)
         base = cache.find_swap_base(session, model.graph_hash, model.weights_hash, target,
                                     options, profile,
@@ -86,10 +138,12 @@ def submit(services: Services, owner: str, request: CacheRequest,
             active = session.scalars(select(Job).where(
                 Job.cache_key == key, Job.status.in_(ACTIVE_STATES))).first()
             if active is None:  # it finished between our insert and this read: look again
-                return submit(services, owner, request, scope)
+                return submit(services, owner, request, scope, key_hash)
             session.add(Submission(owner=owner, model_id=model.id, backend=request.backend,
                                    device=request.device, outcome="joined", job_id=active.id))
             return SubmitResult("joined", job=active, reason="an identical build is running")
+        # A new build spends one of the key's tokens; refused, the job's insert rolls back.
+        api_keys.limit_submissions(session, key_hash)
         session.add(Submission(owner=owner, model_id=model.id, backend=request.backend,
                                device=request.device, outcome="queued", job_id=job.id))
     publish_build(services.celery, job.id, job.queue)
@@ -99,29 +153,30 @@ def submit(services: Services, owner: str, request: CacheRequest,
     return SubmitResult("queued", job=job, reason=reason)
 
 
-def _record_hit(session: Session, owner: str, request: CacheRequest, model: Model,
-                engine: Engine, reason: str) -> SubmitResult:
-    """Count a cache hit exactly, in the request's own transaction, without an ORM refresh.
+def _record_hit(services: Services, fast: Session, owner: str, request: CacheRequest,
+                model: Model, engine: Engine, reason: str) -> SubmitResult | None:
+    """Count a cache hit exactly - the engine's counter and a submission row, atomically -
+    without an ORM refresh. None when the engine is gone (evicted since the lookup).
 
-    The increment is SQL (concurrent hits on one engine all count) and comes last, so the row
-    lock it takes is held only for the commit that follows.
-
-    On PostgreSQL this one transaction commits without waiting for its WAL flush
-    (``synchronous_commit`` off, for this transaction only): the flush was 7-8 ms of every hit
-    here, more than everything else together. The hit and its submission row still commit
-    atomically and are visible to every reader at once, and a restart of Kiln loses none
-    (PostgreSQL holds them); only a crash of the database server itself may drop the hit
-    records of its last fraction of a second (at most 3 x wal_writer_delay), never a job or an
-    engine, whose transactions keep the server's setting.
+    PostgreSQL: one statement on the autocommit connection (a data-modifying CTE), so one
+    round trip and no BEGIN/COMMIT; its commit does not wait for the log flush (see
+    ``Database.autocommit``). The increment is SQL, so concurrent hits on one engine all count.
+    SQLite runs in-process, where a transaction of two statements costs no round trip.
     """
     now = utcnow()
-    postgres = session.get_bind().dialect.name == "postgresql"
     values = {"hit_owner": owner, "hit_model_id": model.id, "hit_backend": request.backend,
               "hit_device": request.device, "hit_engine_id": engine.id, "hit_now": now}
-    if not postgres:  # SQLite runs in-process: a second statement costs no round trip
-        session.execute(_HIT_STATEMENTS["record"], values)
-    hits = session.execute(_HIT_STATEMENTS["postgresql" if postgres else "count"],
-                           values).scalar_one()
+    try:
+        if fast.get_bind().dialect.name == "postgresql":
+            # Core on the session's connection: the statement needs no ORM bookkeeping.
+            hits = fast.connection().execute(_HIT_STATEMENTS["postgresql"], values).scalar_one()
+        else:
+            with services.db.session() as session:
+                hits = session.execute(_HIT_STATEMENTS["count"], values).scalar_one()
+                session.execute(_HIT_STATEMENTS["record"], values)
+    except (IntegrityError, NoResultFound):
+        fast.rollback()
+        return None
     # What the row now holds, without marking the object changed (no second UPDATE at commit).
     set_committed_value(engine, "hits", hits)
     set_committed_value(engine, "last_used_at", now)
@@ -131,19 +186,25 @@ def _record_hit(session: Session, owner: str, request: CacheRequest, model: Mode
 def _hit_statements() -> dict[str, Any]:
     """The hit's statements, built once with bound values (building them cost more than
     compiling: SQLAlchemy caches the compiled form)."""
-    record = insert(Submission).values(
-        owner=bindparam("hit_owner"), model_id=bindparam("hit_model_id"),
-        backend=bindparam("hit_backend"), device=bindparam("hit_device"), outcome="cached",
-        engine_id=bindparam("hit_engine_id"), created_at=bindparam("hit_now"))
     table = cast(Table, Engine.__table__)
     engines = table.c
     # Core, not the ORM's bulk update: nothing in the session needs synchronising.
     count = update(table).where(engines.id == bindparam("hit_engine_id")).values(
         hits=engines.hits + 1, last_used_at=bindparam("hit_now")).returning(engines.hits)
-    # PostgreSQL: one round trip for all three - the submission row (a data-modifying CTE),
-    # this transaction's commit mode, and the increment.
-    postgresql = count.add_cte(record.cte("recorded")).where(
-        func.set_config("synchronous_commit", "off", True) == "off")
+    record = insert(Submission).values(
+        owner=bindparam("hit_owner"), model_id=bindparam("hit_model_id"),
+        backend=bindparam("hit_backend"), device=bindparam("hit_device"), outcome="cached",
+        engine_id=bindparam("hit_engine_id"), created_at=bindparam("hit_now"))
+    # PostgreSQL: the increment and the submission row in one statement (data-modifying CTEs),
+    # the row written only when the engine was there to count.
+    counted = count.cte("counted")
+    recorded = insert(Submission).from_select(
+        ["owner", "model_id", "backend", "device", "outcome", "engine_id", "created_at"],
+        select(bindparam("hit_owner", type_=String), bindparam("hit_model_id", type_=String),
+               bindparam("hit_backend", type_=String), bindparam("hit_device", type_=String),
+               literal("cached", String), bindparam("hit_engine_id", type_=String),
+               bindparam("hit_now", type_=DateTime)).select_from(counted))
+    postgresql = select(counted.c.hits).add_cte(recorded.cte("recorded"))
     return {"record": record, "count": count, "postgresql": postgresql}
 
 

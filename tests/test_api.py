@@ -177,3 +177,32 @@ def test_unknown_backend_device_and_options_are_400(client, programs) -> None:
 def test_openapi_document_lists_the_api(client) -> None:
     doc = client.get("/api/v1/docs/openapi.json").json
     assert {"/api/v1/jobs", "/api/v1/models", "/api/v1/engines"} <= set(doc["paths"])
+
+
+def test_a_remembered_hit_whose_engine_was_evicted_is_resolved_afresh(keyed, programs) -> None:
+    from sqlalchemy import select, update
+
+    from service.models import Engine, Job, Submission
+
+    app, services = keyed
+    c = app.test_client()
+    model_id = c.post("/api/v1/models", data=programs["two_inputs"].read_bytes(),
+                      headers=_auth("ka")).json["id"]
+    gone = _build(services, "alice", model_id, _profile(1, 4, 32))
+    ask = {"model_id": model_id, "inputs": _profile(2, 4, 8, (4, 16, 64))}
+    for _ in range(3):  # the first resolves; the next two reuse this process's answer
+        r = c.post("/api/v1/jobs", json=ask, headers=_auth("ka"))
+        assert r.status_code == 200 and r.json["engine_id"] == gone
+    assert r.json["engine"]["hits"] == 3
+    with services.db.session() as s:  # evicted as store_budget.evict does, blob aside
+        s.execute(update(Job).where(Job.engine_id == gone).values(engine_id=None))
+        s.delete(s.get(Engine, gone))
+    other = _build(services, "alice", model_id, _profile(1, 8, 16))
+    # Well within RECENT_HIT_S: the remembered engine is gone, so the lookup runs again.
+    r = c.post("/api/v1/jobs", json=ask, headers=_auth("ka"))
+    assert r.status_code == 200 and r.json["engine_id"] == other
+    with services.db.session() as s:
+        served = s.scalars(select(Submission.engine_id).where(Submission.outcome == "cached")
+                           ).all()
+        assert served == [gone] * 3 + [other]  # no submission row counted for the evicted one
+        assert s.get(Engine, other).hits == 1

@@ -1,6 +1,6 @@
 """API keys in the database: made and revoked with `kiln keys`, stored as hashes, accepted
-next to KILN_API_KEYS, the first `kiln serve` prints one admin key, and job submission is
-rate-limited per key with 429 and Retry-After."""
+next to KILN_API_KEYS, the first `kiln serve` prints one admin key, and new builds are
+rate-limited per key with 429 and Retry-After (hits and joins are not)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,25 @@ import os
 import re
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from flask import Flask
-from sqlalchemy import select, text
+from flask import Flask, Response
+from sqlalchemy import func, select, text
 
-from service import api_keys
+from service import api_keys, jobs, queries, worker_registry
 from service.app import create_app
+from service.cache import Target
 from service.db import upgrade
 from service.keys_cli import first_admin_key
-from service.models import ApiKey, AuditEntry, utcnow
+from service.models import ApiKey, AuditEntry, Job, utcnow
 from service.services import Services
 from tests.conftest import ROOT, make_settings
+from tests.factories import record_engine
+
+TARGET = Target("aoti", "cpu", "x86_64-test", "torch=test")
 
 
 def kiln(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -58,8 +63,12 @@ def test_cli_creates_lists_and_revokes_keys_stored_as_hashes(tmp_path: Path) -> 
                       ).status_code == 200
     assert client.get("/api/v1/jobs").status_code == 401  # keys exist: no more open mode
     assert kiln(data, "keys", "revoke", key_id).returncode == 0
-    assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {secret}"}
-                      ).status_code == 401
+    # Revoked in another process: this one trusted the key for at most VERIFIED_FOR_S more.
+    deadline = time.monotonic() + api_keys.VERIFIED_FOR_S + 0.5
+    while client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {secret}"}
+                     ).status_code != 401:
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(0.1)
     assert "revoked" not in kiln(data, "keys", "revoke", "key_nope").stdout
     assert kiln(data, "keys", "revoke", "key_nope").returncode != 0
     bad = kiln(data, "keys", "create", "--owner", "x", "--role", "root")
@@ -121,24 +130,55 @@ def test_token_bucket_refuses_with_retry_after_then_refills(tmp_path: Path,
         db.dispose()
 
 
-def test_job_submission_is_rate_limited_per_key_with_429(keyed_app: Flask) -> None:
+def test_new_builds_are_rate_limited_per_key_with_429_and_hits_and_joins_are_not(
+        keyed_app: Flask, programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_keys, "SUBMIT_BURST", 3)
     services: Services = keyed_app.extensions["kiln"]
     with services.db.session() as s:
         a, b = api_keys.create(s, "a", "user"), api_keys.create(s, "b", "user")
+        worker_registry.heartbeat(s, "w1", "host", [{**TARGET.as_dict(), "toolchain": {},
+                                                    "queue": worker_registry.queue_name(TARGET)}],
+                                  {})
     client = keyed_app.test_client()
-    body = {"model_id": "mdl_missing", "backend": "aoti", "device": "cpu"}
-    codes = [client.post("/api/v1/jobs", json=body,
-                         headers={"Authorization": f"Bearer {a.secret}"}).status_code
-             for _ in range(api_keys.SUBMIT_BURST)]
-    assert codes == [404] * api_keys.SUBMIT_BURST  # each spent a token, then found no model
-    limited = client.post("/api/v1/jobs", json=body,
-                          headers={"Authorization": f"Bearer {a.secret}"})
+
+    def submit(key: str, body: dict) -> Response:
+        return client.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+
+    def upload(key: str) -> str:
+        return client.post("/api/v1/models", data=programs["two_inputs"].read_bytes(),
+                           headers={"Authorization": f"Bearer {key}"}).get_json()["id"]
+
+    def build(model_id: str, batch: int) -> dict:
+        return {"model_id": model_id, "backend": "aoti", "device": "cpu", "inputs": [
+            {"name": "x", "min": [1, 2, 8], "opt": [batch, 16, 8], "max": [batch, 128, 8]},
+            {"name": "mask", "min": [1, 2], "opt": [batch, 16], "max": [batch, 128]}]}
+
+    mine = upload(a.secret)
+    missing = {"model_id": "mdl_missing", "backend": "aoti", "device": "cpu"}
+    assert [submit(a.secret, missing).status_code for _ in range(5)] == [404] * 5  # free
+    first = submit(a.secret, build(mine, 2))
+    assert [first.status_code] + [submit(a.secret, build(mine, n)).status_code
+                                  for n in (3, 4)] == [202] * 3
+    limited = submit(a.secret, build(mine, 5))
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) >= 1
     error = limited.get_json()["error"]
     assert error["code"] == "rate_limited" and error["details"]["retry_after_s"] >= 1
-    assert client.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {b.secret}"}
-                       ).status_code == 404  # b's bucket is full
+    with services.db.session() as s:  # the refused build left no job behind
+        assert s.scalar(select(func.count()).select_from(Job)) == 3
+    joined = submit(a.secret, build(mine, 2))  # an identical build is running: joining is free
+    assert joined.status_code == 202 and joined.get_json()["submit"] == "joined"
+    assert submit(b.secret, build(upload(b.secret), 5)).status_code == 202  # b's own bucket
+
+    # A cache hit starts no build: served with a's bucket empty.
+    job_id = first.get_json()["id"]
+    with services.db.session() as s:
+        model = queries.get_model(s, mine, None)
+        job = s.get(Job, job_id)
+        claimed = jobs.claim(s, job_id, "w1", 60)
+        jobs.succeed(s, job_id, claimed.attempts, "w1", record_engine(model, job), {}, "")
+    hit = submit(a.secret, build(mine, 2))
+    assert hit.status_code == 200 and hit.get_json()["status"] == "cached"
 
 
 def test_kiln_serve_prints_the_first_admin_key_once(tmp_path: Path) -> None:

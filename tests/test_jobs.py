@@ -238,3 +238,41 @@ def test_concurrent_cache_hits_all_count(postgres_url: str, redis_url: str, tmp_
         assert s.scalar(select(func.count()).select_from(Submission).where(
             Submission.engine_id == engine_id, Submission.outcome == "cached")) == 20
     restarted.db.dispose()
+
+
+def test_a_dead_pooled_connection_is_replaced_after_idling(postgres_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """The pool pings connections that idled (not every checkout); a database restart or an
+    idle timeout that killed one costs no failed request."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from service import db as db_module
+    from service.db import Database
+
+    def kill_backends(database: Database) -> None:
+        for engine in (database.engine, database._autocommit_engine):
+            with engine.connect() as conn:
+                pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            admin = Database(postgres_url)
+            with admin.engine.connect() as conn:
+                conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            admin.dispose()
+
+    database = Database(postgres_url)
+    kill_backends(database)
+    monkeypatch.setattr(db_module, "IDLE_PING_S", 3600.0)  # control: no ping, the dead one fails
+    with pytest.raises(OperationalError):
+        with database.autocommit() as s:
+            s.execute(text("SELECT 1"))
+    database.dispose()
+
+    database = Database(postgres_url)
+    kill_backends(database)
+    monkeypatch.setattr(db_module, "IDLE_PING_S", 0.0)
+    with database.autocommit() as s:
+        assert s.execute(text("SELECT 1")).scalar() == 1
+    with database.session() as s:
+        assert s.execute(text("SELECT 1")).scalar() == 1
+    database.dispose()
