@@ -53,7 +53,10 @@ def run_case(run: Run, wanted: list[str]) -> None:
     with kiln_stack(run, "builds") as kiln:
         log("starting a worker")
         t0 = time.monotonic()
-        kiln.start_worker(run.work / "inductor-kiln")
+        # The warm spare on: an idle worker has the next build's sandboxed child started, as a
+        # deployment that wants builds to start at once runs it.
+        kiln.start_worker(run.work / "inductor-kiln", warm_spare=True)
+        raw["warm_spare"] = True
         raw["worker_start_s"] = round(time.monotonic() - t0, 1)
         if need_builds:
             # Not measured: brings the compiler, headers and torch's libraries into the page
@@ -128,21 +131,21 @@ def _overhead_rows(run: Run, raw: dict[str, Any], builds: list[str]) -> None:
         }
         parts["API, polling, download, rest"] = total - sum(parts.values())
         kiln["parts_s"] = {k: round(v, 2) for k, v in parts.items()}
+        config = f"{sizes[name]}, cold Inductor cache, warm spare"
         not_build = total - t.get("build_s", 0.0)
         worst = sorted(((k, v) for k, v in parts.items() if not k.startswith("build")),
                        key=lambda kv: -kv[1])[:3]
-        run.add(Row(OVERHEAD, f"{sizes[name]}, cold Inductor cache", "overhead s", overhead,
+        run.add(Row(OVERHEAD, config, "overhead s", overhead,
                     goal=f"<= {allowed:.2f} s (1 s + 5%)", met=overhead <= allowed, unit="s",
                     note=f"total {total:.1f} s - direct build {direct['build_s']:.1f} s; "
                     f"Kiln's own build step took {t.get('build_s', 0):.1f} s, so "
                     f"{not_build:.1f} s went to other things: " + ", ".join(
                         f"{k} {v:.1f} s" for k, v in worst)))
-        run.add(Row(OVERHEAD, f"{sizes[name]}, cold Inductor cache", "submit-to-downloaded s",
+        run.add(Row(OVERHEAD, config, "submit-to-downloaded s",
                     total, direct["build_s"], total / direct["build_s"], unit="s"))
         # The same, with Kiln's own timing of its build step as "the build itself": immune to
         # the two builds running at different speeds (a neighbour compiling during one of them).
-        run.add(Row(OVERHEAD, f"{sizes[name]}, cold Inductor cache",
-                    "overhead s (minus Kiln's own build step)", not_build,
+        run.add(Row(OVERHEAD, config, "overhead s (minus Kiln's own build step)", not_build,
                     goal=f"<= {1.0 + 0.05 * t.get('build_s', 0):.2f} s (1 s + 5%)",
                     met=not_build <= 1.0 + 0.05 * t.get("build_s", 0), unit="s"))
 

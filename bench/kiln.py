@@ -125,10 +125,14 @@ class KilnStack:
 
     # ---- a real worker --------------------------------------------------------------------
 
-    def start_worker(self, inductor_cache: Path, timeout: float = 240) -> None:
+    def start_worker(self, inductor_cache: Path, timeout: float = 240,
+                     warm_spare: bool = False) -> None:
+        """A real worker; ``warm_spare``: it keeps the next build's child started while idle
+        (KILN_WARM_SPARE=on)."""
         self.worker_log = self.workdir / "worker.log"
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1",
-               "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+               "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache),
+               "KILN_WARM_SPARE": "on" if warm_spare else "off"}
         with open(self.worker_log, "ab") as out:
             self.worker = subprocess.Popen([PY, "-m", "workers", "--name", "bench",
                                             "--backends", "aoti"], cwd=ROOT, env=env,
