@@ -96,6 +96,18 @@ def run_case(run: Run) -> None:
                 run.add(Row(CASE, cfg, "server memory growth MB", growth,
                             goal=f"< {MEMORY_GOAL_MB:g} MB", met=growth < MEMORY_GOAL_MB,
                             unit="MB"))
+                # A resumed download: the second half, with Range (206), both sides alike.
+                half = size * MB // 2
+                kr, nr = [], []
+                for _ in range(reps):
+                    kr.append(_get(k_url, size, kiln, start=half))
+                    nr.append(_get(n_url, size, start=half))
+                raw["kiln"][f"{size}-range"], raw["nginx"][f"{size}-range"] = kr, nr
+                k_rate = median([r["mb_s"] for r in kr])
+                n_rate = median([r["mb_s"] for r in nr])
+                run.add(Row(CASE, f"{size} MB, Range: second half, 1 client", "MB/s", k_rate,
+                            n_rate, k_rate / n_rate, goal=f">= {RATIO_GOAL:.0%} of nginx",
+                            met=k_rate >= RATIO_GOAL * n_rate, unit="MB/s"))
             missed = [r for r in run.rows if r.case == CASE and r.met is False]
             if missed and run.profile and py_spy_available():
                 size = sizes[-1]
@@ -104,8 +116,11 @@ def run_case(run: Run) -> None:
                     row.note = "; ".join(x for x in (row.note, profile_note(raw["profile"])) if x)
 
 
-def _get(url: str, size: int, kiln: KilnStack | None = None) -> dict[str, Any]:
-    args = [url]
+def _get(url: str, size: int, kiln: KilnStack | None = None, start: int = 0
+         ) -> dict[str, Any]:
+    """One transfer of a ``size`` MB file, from byte ``start`` (a Range request) to the end."""
+    args = [url] if not start else ["-H", f"Range: bytes={start}-", url]
+    want_code, want_bytes = (206, size * MB - start) if start else (200, size * MB)
     if kiln is None:
         result = curl(args)
         rss = None
@@ -113,10 +128,10 @@ def _get(url: str, size: int, kiln: KilnStack | None = None) -> dict[str, Any]:
         with RssSampler(kiln.api.worker_pids()) as sampler:
             result = curl(args)
         rss = sampler.report()
-    if result.get("http_code") != 200 or int(result.get("size_download", 0)) != size * MB:
-        raise BenchError(f"GET {url}: HTTP {result.get('http_code')}, "
-                         f"{result.get('size_download')} bytes of {size * MB}")
-    return {"mb_s": size * MB / result["time_total"] / MB, "time_total_s": result["time_total"],
+    if result.get("http_code") != want_code or int(result.get("size_download", 0)) != want_bytes:
+        raise BenchError(f"GET {url} from {start}: HTTP {result.get('http_code')}, "
+                         f"{result.get('size_download')} bytes of {want_bytes}")
+    return {"mb_s": want_bytes / result["time_total"] / MB, "time_total_s": result["time_total"],
             "time_starttransfer_s": result["time_starttransfer"],
             "speed_download_mb_s": result["speed_download"] / MB, "rss": rss}
 

@@ -285,6 +285,38 @@ def test_if_range_without_a_strong_matching_etag_gets_the_whole_file(keyed, prog
         assert whole.data == payload and "Content-Range" not in whole.headers
 
 
+def test_ranges_and_whole_files_under_gunicorn_are_byte_exact(gunicorn_api, programs,
+                                                               tmp_path) -> None:
+    """Local engines leave through gunicorn's file wrapper (sendfile from the range's offset
+    for Content-Length bytes), whole or in part: every byte where it belongs, none past."""
+    import requests
+
+    port, _ = gunicorn_api
+    settings = make_settings(tmp_path / "kiln", api_keys={"ka": ("alice", "user")})
+    app = create_app(settings)  # the same data dir and database as the gunicorn process
+    services = app.extensions["kiln"]
+    _register_worker(services)
+    engine_id, _, _ = _stored_engine(app, services, tmp_path, programs)
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    (tmp_path / "big.bin").write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    uri = services.store.put_file(tmp_path / "big.bin", f"engines/{sha}.bin")
+    with services.db.session() as s:
+        s.execute(update(Engine).where(Engine.id == engine_id).values(
+            artifact_uri=uri, sha256=sha, size=len(payload)))
+    url = f"http://127.0.0.1:{port}/api/v1/engines/{engine_id}/artifact"
+    whole = requests.get(url, headers=_auth("ka"), timeout=30)
+    assert whole.status_code == 200 and whole.content == payload
+    n = len(payload)
+    for spec, want in (("0-0", payload[:1]), ("1000-2999999", payload[1000:3000000]),
+                       ("-500", payload[-500:]), (f"{n - 3}-", payload[-3:]),
+                       (f"5-{n + 100}", payload[5:])):
+        part = requests.get(url, headers={**_auth("ka"), "Range": f"bytes={spec}"}, timeout=30)
+        assert part.status_code == 206, spec
+        assert part.content == want, spec
+        assert int(part.headers["Content-Length"]) == len(want)
+
+
 def test_content_disposition_is_built_by_the_framework(keyed, programs, tmp_path) -> None:
     app, services = keyed
     hostile = '.pt2"; filename*=x\r\nSet-Cookie: stolen=1'
