@@ -314,6 +314,17 @@ def _case(name: str, base: Path, tmp: Path) -> tuple[Path, ArchiveLimits]:
         at = data.index(b'"graph_module"') + 2
         data[at] ^= 0x20
         dest.write_bytes(bytes(data))
+    elif name == "weight_crc_mismatch":
+        # A weight's bytes changed after it was written: read straight from the file (not
+        # through zipfile's reader), its CRC-32 is still checked.
+        data = bytearray(base.read_bytes())
+        with zipfile.ZipFile(base) as zf:
+            info = next(i for i in zf.infolist() if "/data/weights/" in i.filename
+                        and i.file_size > 0)
+        name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:
+                                                         info.header_offset + 30])
+        data[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
+        dest.write_bytes(bytes(data))
     elif name == "unreadable_schema":
         _derive(base, dest, replace={"models/model.json": json.dumps(
             {"schema_version": {"major": 99, "minor": 0}, "graph_module": []}).encode()})
@@ -382,6 +393,7 @@ HOSTILE = {
     "custom_object": "archive_custom_object",
     "legacy_weights": "archive_legacy_format",
     "crc_mismatch": "archive_corrupt",
+    "weight_crc_mismatch": "archive_corrupt",
     "unreadable_schema": "archive_unsupported_schema",
     "config_path": "archive_unsafe_path",
     "missing_weight": "not_an_exported_program",

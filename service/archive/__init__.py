@@ -75,9 +75,9 @@ from service.archive.zipdir import (
     check_directory,
     check_layout,
     directory_size,
+    hash_entries,
     load_json,
     read_small,
-    sha256_entry,
 )
 
 __all__ = [
@@ -123,9 +123,9 @@ def inspect_archive(
             raise refuse("not_a_zip", f"the upload is not a readable zip archive ({exc}); "
                          "upload the file written by torch.export.save") from None
         with zf:
-            check_layout(fh, zf, size)
+            spans = check_layout(fh, zf, size)
             try:
-                return _inspect(zf, limits)
+                return _inspect(zf, limits, fh.fileno(), spans)
             except RecursionError:
                 # json.loads bounds nesting by the recursion limit; hashing walks the same tree
                 # from a deeper stack, so a file right at that bound can trip it here instead.
@@ -133,7 +133,8 @@ def inspect_archive(
                              "deeply to process; re-export with torch.export.save") from None
 
 
-def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
+def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits, fd: int,
+             spans: dict[str, tuple[int, int]]) -> ArchiveInfo:
     infos = zf.infolist()
     if len(infos) > limits.max_entries:
         raise refuse("archive_too_many_entries", f"the archive has {len(infos)} entries, over "
@@ -223,7 +224,7 @@ def _inspect(zf: zipfile.ZipFile, limits: ArchiveLimits) -> ArchiveInfo:
     pickled = {n for n in pickled if entries[n].file_size > 0}
 
     # Content is read only now, after every directory-level limit has passed.
-    digests = {name: sha256_entry(zf, info, name) for name, info in entries.items()}
+    digests = hash_entries(zf, fd, entries, spans)
     payloads = [("weight", fqn, m, digests[WEIGHTS_DIR + m["path_name"]]) for fqn, m in weights]
     payloads += [("constant", fqn, m, digests[CONSTANTS_DIR + m["path_name"]])
                  for fqn, m in constants]
