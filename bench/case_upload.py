@@ -123,7 +123,7 @@ def _phases(kiln: KilnStack, program: Path) -> dict[str, float]:
         inspect_archive(tmp)
         out["inspect_archive_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        uri = store.put_file(tmp, "models/bench-phases.pt2")
+        uri = store.put_file(tmp, "models/bench-phases.pt2", handover=True)  # as intake does
         out["store_put_file_s"] = time.perf_counter() - t0
         store.delete(uri)
     finally:

@@ -3,8 +3,9 @@
 Engines are stored and served as the bytes the worker built (their sha256 is the engine's
 identity), so the profile travels beside the file in a sidecar, ``<engine>.kiln.json``, written
 by the client when it downloads an engine. A zip engine (an AOTInductor package, the swappable
-package) may also carry the same document as the entry ``kiln/engine.json``; the loader prefers
-that one, so such a file needs no sidecar. Plain data: no torch here.
+package) also carries the same document inside, as the entry ``kiln/engine.json`` under the
+archive's root folder (the worker adds it before the engine is validated and hashed); the
+loader prefers that one, so such a file alone is enough. Plain data: no torch here.
 """
 
 from __future__ import annotations
@@ -38,16 +39,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def engine_metadata(backend: str, device: str, options: dict[str, Any],
+                    inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The profile document: what the engine was built for and the shapes it serves."""
+    return {"format": ENGINE_FORMAT, "backend": backend, "device": device, "options": options,
+            "inputs": [{"name": p["name"], "dtype": p.get("dtype"), "min": list(p["min"]),
+                        "opt": list(p["opt"]), "max": list(p["max"])} for p in inputs]}
+
+
 def metadata_from_record(engine: dict[str, Any], model: dict[str, Any] | None = None
                          ) -> dict[str, Any]:
     """The document stored with an engine, from the API's engine record (and its model's)."""
     dtypes = {i["name"]: i.get("dtype") for i in (model or {}).get("inputs", [])}
-    inputs = [{"name": p["name"], "dtype": p.get("dtype") or dtypes.get(p["name"]),
-               "min": list(p["min"]), "opt": list(p["opt"]), "max": list(p["max"])}
-              for p in engine["inputs"]]
-    return {"format": ENGINE_FORMAT, "engine_id": engine["id"], "sha256": engine["sha256"],
-            "backend": engine["target"]["backend"], "device": engine["target"]["device"],
-            "options": engine.get("options", {}), "inputs": inputs}
+    inputs = [{**p, "dtype": p.get("dtype") or dtypes.get(p["name"])} for p in engine["inputs"]]
+    return {**engine_metadata(engine["target"]["backend"], engine["target"]["device"],
+                              engine.get("options", {}), inputs),
+            "engine_id": engine["id"], "sha256": engine["sha256"]}
 
 
 def write_sidecar(engine: str | Path, metadata: dict[str, Any]) -> Path:
@@ -58,11 +65,20 @@ def write_sidecar(engine: str | Path, metadata: dict[str, Any]) -> Path:
     return path
 
 
+def _embedded_name(names: list[str]) -> str:
+    """Where the document goes: under the archive's root folder when every entry has the same
+    one (torch's zip reader refuses entries outside it), else at the top."""
+    roots = {n.split("/", 1)[0] for n in names if "/" in n}
+    if len(roots) == 1 and all("/" in n for n in names):
+        return f"{roots.pop()}/{EMBEDDED_ENTRY}"
+    return EMBEDDED_ENTRY
+
+
 def embed_metadata(package: str | Path, metadata: dict[str, Any]) -> None:
     """Add ``kiln/engine.json`` to a zip engine (for a worker, before the sha256 is taken)."""
     body = {k: v for k, v in metadata.items() if k not in ("sha256", "engine_id")}
     with zipfile.ZipFile(package, "a") as zf:
-        zf.writestr(EMBEDDED_ENTRY, json.dumps(body, sort_keys=True))
+        zf.writestr(_embedded_name(zf.namelist()), json.dumps(body, sort_keys=True))
 
 
 def _check(doc: Any, where: str) -> dict[str, Any]:
@@ -87,9 +103,15 @@ def read_metadata(engine: str | Path, verify: bool = True) -> dict[str, Any]:
     """
     engine = Path(engine)
     if zipfile.is_zipfile(engine):
-        with zipfile.ZipFile(engine) as zf:
-            if EMBEDDED_ENTRY in zf.namelist():
-                return _check(json.loads(zf.read(EMBEDDED_ENTRY)), f"{engine}:{EMBEDDED_ENTRY}")
+        try:
+            with zipfile.ZipFile(engine) as zf:
+                names = zf.namelist()
+                for name in (_embedded_name(names), EMBEDDED_ENTRY):
+                    if name in names:
+                        return _check(json.loads(zf.read(name)), f"{engine}:{name}")
+        except zipfile.BadZipFile as exc:
+            raise EngineFormatError(f"{engine} is a damaged zip file ({exc}); download the "
+                                    "engine again") from None
     side = sidecar_path(engine)
     if not side.exists():
         raise EngineFormatError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 from typing import Any, BinaryIO, cast
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -296,15 +297,21 @@ def get_engine(engine_id: str) -> Response:
         return jsonify(engine_json(queries.get_engine(s, engine_id, caller().scope)))
 
 
+MARK_USE_EVERY = timedelta(seconds=60)
+
+
 # Not wrapped by spectree: its response check reads the body, which would buffer a
 # multi-GB engine in memory instead of streaming it.
 @api.get("/engines/<engine_id>/artifact")
 def download_engine(engine_id: str) -> Response:
-    with services().db.session() as s:
+    with services().db.autocommit() as s:
         engine = queries.get_engine(s, engine_id, caller().scope)
-        # Marks the engine as in use: eviction spares engines used within its grace period,
-        # so a download in progress keeps its blob.
-        engine.last_used_at = utcnow()
+        # Marks the engine as in use: eviction spares engines used within its grace period
+        # (an hour by default), so a download in progress keeps its blob. At most once a
+        # minute, and without waiting for the log flush: not a write per download.
+        now = utcnow()
+        if engine.last_used_at is None or now - engine.last_used_at > MARK_USE_EVERY:
+            engine.last_used_at = now
     return artifact_response(services().store, engine.artifact_uri, engine.sha256, engine.size,
                              download_name(engine))
 

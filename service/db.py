@@ -128,12 +128,13 @@ class Database:
         waiting for the database's log flush: no BEGIN, no COMMIT, no flush wait.
 
         For the request path's reads and single-statement writes only (authentication, cache
-        lookups, counting a hit: a cache hit costs two round trips). Several statements here
+        lookups, counting a hit, a download's mark of use). Several statements here
         are not atomic together, so state changes of jobs and engines never use it. On
         PostgreSQL ``synchronous_commit=off`` holds for these connections only: a commit is
         visible to every reader at once and survives a restart of Kiln; only a crash of the
         database server itself may drop the last fraction of a second of such writes (at most
-        3 x wal_writer_delay) - hit counts and submission rows, never a job or an engine.
+        3 x wal_writer_delay) - hit counts, submission rows, marks of use, never a job or an
+        engine.
         """
         session = Session(self._autocommit_engine, expire_on_commit=False)
         try:

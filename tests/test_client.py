@@ -20,7 +20,7 @@ import torch
 import kiln
 from kiln.client import KilnAPIError
 from kiln.compiler import model_hash
-from kiln.engine_format import EngineFormatError, read_metadata, sidecar_path
+from kiln.engine_format import EngineFormatError, file_sha256, read_metadata, sidecar_path
 from kiln.loader import ProfileError
 from service.archive import inspect_archive
 from service.artifacts import open_store
@@ -200,24 +200,37 @@ def test_altered_cached_engine_is_downloaded_again_not_loaded(
 def test_load_enforces_the_profile_stored_with_the_file(compiled_module: dict[str, Any],
                                                         tmp_path: Path) -> None:
     src = compiled_module["engine"].path
-    copy = tmp_path / "model.pt2"
-    copy.write_bytes(src.read_bytes())
-    with pytest.raises(EngineFormatError, match="carries no Kiln profile"):
-        kiln.load(copy)  # a bare AOTInductor package: no profile to enforce, so refused
-    sidecar_path(copy).write_text(sidecar_path(src).read_text())
-    engine = kiln.load(copy)
+    # The package as the worker built it carries its profile (kiln/engine.json under the
+    # archive's root): the file alone is enough, as after a plain curl of the artifact.
+    alone = tmp_path / "alone.pt2"
+    alone.write_bytes(src.read_bytes())
+    engine = kiln.load(alone)
     assert engine.kind == "aoti"
+    assert [p["name"] for p in engine.profile] == ["x"]
     with pytest.raises(ProfileError, match="dim 0 of input 'x' is 33"):
         engine(torch.randn(33, 3, 32, 32))
-    # The same metadata embedded in the package (kiln/engine.json) needs no sidecar.
-    embedded = tmp_path / "embedded.pt2"
-    embedded.write_bytes(src.read_bytes())
-    with zipfile.ZipFile(embedded, "a") as zf:
-        zf.writestr("kiln/engine.json", sidecar_path(src).read_text())
-    assert kiln.load(embedded).profile == engine.profile
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(engine(x), compiled_module["module"](x), rtol=1e-4, atol=1e-4)
+    # A bare AOTInductor package (the same without that entry): no profile, so refused...
+    copy = tmp_path / "model.pt2"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(copy, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("kiln/engine.json"):
+                zout.writestr(info, zin.read(info))
+    with pytest.raises(EngineFormatError, match="carries no Kiln profile"):
+        kiln.load(copy)
+    # ... unless the sidecar the client writes is beside it.
+    described = {**json.loads(sidecar_path(src).read_text()), "sha256": file_sha256(copy)}
+    sidecar_path(copy).write_text(json.dumps(described))
+    assert kiln.load(copy).profile == engine.profile
     # A sidecar that describes other bytes is refused.
-    copy.write_bytes(src.read_bytes()[:-10] + b"0123456789")
+    altered = bytearray(copy.read_bytes())
+    altered[len(altered) // 2] ^= 0xFF  # inside an entry's data: still a readable zip
+    copy.write_bytes(bytes(altered))
     with pytest.raises(EngineFormatError, match="replaced or altered"):
+        read_metadata(copy)
+    copy.write_bytes(bytes(altered[:-10]) + b"0123456789")  # its zip directory broken
+    with pytest.raises(EngineFormatError, match="damaged"):
         read_metadata(copy)
 
 

@@ -17,9 +17,11 @@ import signal
 import sys
 import time
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from kiln.engine_format import embed_metadata, engine_metadata
 from workers.contracts import BuildRequest, finite_or_none
 
 PHASE_PREFIX = "KILN-PHASE "
@@ -110,6 +112,14 @@ def run(workdir: Path) -> dict[str, Any]:
             "code": "build_failed", "message": f"{req.backend} build failed: "
             f"{type(exc).__name__}: {str(exc)[:2000]}"}}
     timings["build_s"] = time.perf_counter() - t0
+    if zipfile.is_zipfile(built.artifact):
+        # A zip engine (an AOTInductor package) carries its own profile, so the file alone is
+        # enough for kiln.load; added before validation, so the bytes validated are the bytes
+        # stored. Other formats travel with the sidecar the client writes.
+        embed_metadata(built.artifact, engine_metadata(
+            req.backend, device, dict(req.options),
+            [{"name": p.name, "dtype": p.dtype, "min": p.min, "opt": p.opt, "max": p.max}
+             for p in profile]))
 
     # A backend that builds ahead of time may not be able to run what it built here: the
     # engine is stored unvalidated, with the reason and what the backend checked instead.
