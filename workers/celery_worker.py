@@ -27,6 +27,7 @@ from service.celery_app import BUILD_TASK, declare_queues
 from service.logging_setup import job_context, outcome_level
 from service.models import Worker
 from service.services import Services
+from workers import inductor_seed
 from workers.cxx_compiler import compiler_env
 from workers.sandbox import SandboxUnavailable, warn_unsandboxed
 from workers.tasks import prepare_spare, worker_sandbox
@@ -110,6 +111,8 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     # so every queue it publishes to exists by then.
     declare_queues(celery, queues)
     heartbeat()
+    if any(t["backend"] == "aoti" for t in found["targets"]):
+        inductor_seed.prepare(services.settings.scratch_dir)  # before the first child starts
     prepare_spare(services, found["targets"][0]["device"])  # KILN_WARM_SPARE=on only
     for t in found["targets"]:
         log.warning("serving %s/%s/%s toolchain %s on queue %s", t["backend"], t["device"],

@@ -37,6 +37,7 @@ from service.errors import KilnError
 from service.models import Engine, Job, Model, Worker, utcnow
 from service.services import Services
 from service.targets import BACKENDS
+from workers import inductor_seed
 from workers.child import PHASE_PREFIX
 from workers.contracts import BuildRequest, ChildResult, NotRunReport, ValidationReport
 from workers.sandbox import (
@@ -238,7 +239,8 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
 
         t0 = time.perf_counter()
         limits = build_limits(services, job.device)
-        child = spare or spawn_child(workdir, limits, hidden=hidden_paths(services),
+        child = spare or spawn_child(workdir, limits, inductor_seed.child_cache_env(workdir),
+                                     hidden=hidden_paths(services),
                                      sandbox=sandbox, argv=CHILD_ARGV,
                                      phase_prefix=PHASE_PREFIX, tail=tail)
         spare = None  # from here on it is this job's child
@@ -288,7 +290,8 @@ def prepare_spare(services: Services, device: str) -> None:
         return
     services.settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="spare-", dir=services.settings.scratch_dir))
-    child = spawn_child(workdir, build_limits(services, device), hidden=hidden_paths(services),
+    child = spawn_child(workdir, build_limits(services, device),
+                        inductor_seed.child_cache_env(workdir), hidden=hidden_paths(services),
                         sandbox=sandbox, phase_prefix=PHASE_PREFIX, spare=True,
                         tail=LogTail(keep=jobs.LOG_LIMIT))
     child.device = device

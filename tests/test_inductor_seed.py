@@ -1,0 +1,75 @@
+"""The Inductor cache seed: made once per host by the worker, copied into every build's work
+dir, never shared writable between builds."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from workers import inductor_seed
+
+
+def test_each_build_gets_its_own_copy_of_the_seed(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = tmp_path / "seed"
+    (seed / "ab").mkdir(parents=True)
+    (seed / "ab" / "isa_check.so").write_bytes(b"compiled by the worker")
+    monkeypatch.setattr(inductor_seed, "_seed", seed)
+    first, second = tmp_path / "job1", tmp_path / "job2"
+    first.mkdir()
+    second.mkdir()
+    env = inductor_seed.child_cache_env(first)
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(first / inductor_seed.CACHE_DIRNAME)}
+    copied = first / inductor_seed.CACHE_DIRNAME / "ab" / "isa_check.so"
+    assert copied.read_bytes() == b"compiled by the worker"
+    copied.write_bytes(b"planted by a hostile build")  # the child may change its copy...
+    (first / inductor_seed.CACHE_DIRNAME / "ab" / "extra.so").write_bytes(b"x")
+    inductor_seed.child_cache_env(second)
+    # ... but neither the seed nor the next build sees it.
+    assert (seed / "ab" / "isa_check.so").read_bytes() == b"compiled by the worker"
+    assert sorted(p.name for p in (second / inductor_seed.CACHE_DIRNAME / "ab").iterdir()) == [
+        "isa_check.so"]
+    assert (second / inductor_seed.CACHE_DIRNAME / "ab" / "isa_check.so").read_bytes() == (
+        b"compiled by the worker")
+
+
+def test_no_seed_means_no_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inductor_seed, "_seed", None)
+    assert inductor_seed.child_cache_env(tmp_path) == {}
+    assert not (tmp_path / inductor_seed.CACHE_DIRNAME).exists()
+
+
+def test_a_ready_seed_is_reused_and_a_failed_probe_leaves_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inductor_seed, "_seed", None)
+    final = tmp_path / f"inductor-seed-{inductor_seed._seed_key()}"
+    final.mkdir()
+    (final / inductor_seed.READY).write_text("avx2")
+
+    def no_probe(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a ready seed was probed again")
+
+    monkeypatch.setattr(subprocess, "run", no_probe)
+    assert inductor_seed.prepare(tmp_path) == final
+    monkeypatch.undo()
+
+    monkeypatch.setattr(inductor_seed, "_seed", None)
+    monkeypatch.setattr(inductor_seed, "_PROBE", "raise SystemExit(3)")
+    other = tmp_path / "other"
+    assert inductor_seed.prepare(other) is None
+    assert inductor_seed.child_cache_env(tmp_path / "job") == {}
+    assert [p.name for p in other.iterdir()] == []  # nothing half-made left behind
+
+
+def test_the_real_probe_makes_a_seed_the_child_environment_points_into(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inductor_seed, "_seed", None)
+    seed = inductor_seed.prepare(tmp_path / "scratch")
+    assert seed is not None and (seed / inductor_seed.READY).read_text()
+    assert any(p.suffix == ".so" for p in seed.rglob("*"))  # the compiled ISA checks
+    job = tmp_path / "job"
+    job.mkdir()
+    env = inductor_seed.child_cache_env(job)
+    assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(job)
