@@ -4,8 +4,10 @@
   Redis broker, worker, build child, validation, store, polling client, download) minus the
   build itself, measured as the same ``aoti_compile_and_package`` call run directly in one
   process (``bench.direct_build``). Both sides start from a fresh, empty Inductor cache
-  (``TORCHINDUCTOR_CACHE_DIR``), one directory per side; each program is built directly and
-  then through Kiln, back to back, after one unmeasured warm-up build.
+  (``TORCHINDUCTOR_CACHE_DIR``), one directory per build: Kiln gives every build a private
+  copy of its worker's seed (``workers/inductor_seed.py``), so a direct build may not reuse
+  what the previous direct build compiled either. Each program is built directly and then
+  through Kiln, back to back, after one unmeasured warm-up build.
 - single flight: 50 concurrent identical submits of a program nobody built; how many builds
   start (jobs created, jobs claimed by the worker). The build is cancelled once counted.
 - engine quality: the built engines' own benchmark reports (engine vs eager PyTorch at the
@@ -66,7 +68,7 @@ def run_case(run: Run, wanted: list[str]) -> None:
             raw["warm_up_s"] = round(time.monotonic() - t0, 1)
             for name in builds:  # each program: direct, then through Kiln, back to back
                 raw["direct"][name] = d = _direct(programs[name], run.work / f"direct-{name}.pt2",
-                                                  run.work / "inductor-direct")
+                                                  run.work / f"inductor-direct-{name}")
                 raw["kiln"][name] = k = _through_kiln(kiln, name, programs[name], run.work)
                 log(f"{OVERHEAD}: {name}: direct build {d['build_s']:.1f} s; through Kiln "
                     f"{k['submit_to_downloaded_s']:.1f} s (job timings {k['job_timings']})")
