@@ -73,3 +73,34 @@ def test_the_real_probe_makes_a_seed_the_child_environment_points_into(
     job.mkdir()
     env = inductor_seed.child_cache_env(job)
     assert Path(env["TORCHINDUCTOR_CACHE_DIR"]).is_relative_to(job)
+
+
+def test_an_embedded_profile_the_job_did_not_ask_for_is_refused(tmp_path: Path) -> None:
+    """The child writes kiln/engine.json, which kiln.load trusts: the worker checks it."""
+    import json
+    import zipfile
+
+    from kiln.engine_format import engine_metadata
+    from service.models import Job
+    from workers.tasks import ChildOutputRefused, check_embedded_profile
+
+    profile = [{"name": "x", "dtype": "float32", "min": [1, 3], "opt": [4, 3], "max": [8, 3]}]
+    job = Job(backend="aoti", device="cpu", options={}, profile=profile)
+    honest = engine_metadata("aoti", "cpu", {}, profile)
+    wider = engine_metadata("aoti", "cpu", {}, [{**profile[0], "max": [4096, 3]}])
+
+    def engine(name: str, entries: dict[str, dict]) -> Path:
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("engine/data/aotinductor/model.so", b"code")
+            for entry, doc in entries.items():
+                zf.writestr(entry, json.dumps(doc))
+        return path
+
+    check_embedded_profile(engine("ok.pt2", {"engine/kiln/engine.json": honest}), job)
+    for name, entries in (("wide.pt2", {"engine/kiln/engine.json": wider}),
+                          ("none.pt2", {}),
+                          ("two.pt2", {"engine/kiln/engine.json": honest,
+                                       "kiln/engine.json": wider})):
+        with pytest.raises(ChildOutputRefused):
+            check_embedded_profile(engine(name, entries), job)

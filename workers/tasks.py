@@ -14,6 +14,7 @@ and the worker hashes it itself. The program the child builds is the blob whose 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ import socket
 import stat
 import tempfile
 import time
+import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from celery import shared_task
 from flask import current_app
 from pydantic import ValidationError
 
+from kiln.engine_format import EMBEDDED_ENTRY, engine_metadata
 from service import jobs
 from service.artifacts import LocalArtifactStore
 from service.celery_app import BUILD_TASK, publish_build
@@ -321,6 +324,33 @@ def _swap_base(services: Services, job: Job) -> Engine | None:
         return s.get(Engine, job.swap_from_engine_id)
 
 
+MAX_EMBEDDED_PROFILE_BYTES = 1024 * 1024
+
+
+def check_embedded_profile(engine: Path, job: Job) -> None:
+    """A zip engine's embedded profile (``kiln/engine.json``, which kiln.load trusts over any
+    sidecar) was written by the build child: refuse the engine unless there is exactly one and
+    it says exactly what the job asked for - a hostile child must not widen the range a
+    loader enforces."""
+    if not zipfile.is_zipfile(engine):
+        return
+    expected = engine_metadata(job.backend, job.device, dict(job.options), job.profile)
+    try:
+        with zipfile.ZipFile(engine) as zf:
+            found = [i for i in zf.infolist() if i.filename == EMBEDDED_ENTRY
+                     or i.filename.endswith("/" + EMBEDDED_ENTRY)]
+            if len(found) != 1 or found[0].file_size > MAX_EMBEDDED_PROFILE_BYTES:
+                raise ChildOutputRefused(f"the build child's engine holds {len(found)} "
+                                         f"embedded profiles ({EMBEDDED_ENTRY}), not one")
+            embedded = json.loads(zf.read(found[0]))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise ChildOutputRefused(f"the build child's engine is not a readable zip ({exc})"
+                                 ) from None
+    if embedded != expected:
+        raise ChildOutputRefused("the build child's embedded profile differs from the job's",
+                                 embedded=str(embedded)[:500])
+
+
 def _store_engine(services: Services, job: Job, model: Model, attempt: int, worker_id: str,
                   workdir: Path, result: ChildResult, timings: dict[str, float],
                   log_text: str) -> str:
@@ -344,6 +374,7 @@ def _store_engine(services: Services, job: Job, model: Model, attempt: int, work
     finally:
         os.close(fd)
     try:
+        check_embedded_profile(verified, job)
         # Blob first, row second: a row never points at a missing blob. A blob whose row
         # never comes (fenced off, crash here) is collected by the store's garbage collection.
         uri = services.store.put_file(verified, f"engines/{sha256}{suffix}")
