@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import cxx_compiler
+from workers import cxx_compiler, inductor_seed
 from workers.cxx_compiler import c_compiler_beside, candidates, choose, compiler_env
 
 pytestmark = pytest.mark.skipif(not shutil.which("g++") or not shutil.which("readelf"),
@@ -43,7 +43,8 @@ def test_candidates_in_order_each_file_once(tmp_path: Path) -> None:
     assert len({os.path.realpath(n) for n in names}) == len(names)
 
 
-def test_static_wrapper_refused_system_gxx_chosen_then_cached(tmp_path: Path) -> None:
+def test_static_wrapper_refused_system_gxx_chosen_then_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wrapper = _static_wrapper(tmp_path)
     env = {**os.environ, "KILN_AOTI_CXX": wrapper, "CXX": str(tmp_path / "no-such-g++"),
            "KILN_CXX_CACHE_DIR": str(tmp_path / "cache")}
@@ -57,6 +58,15 @@ def test_static_wrapper_refused_system_gxx_chosen_then_cached(tmp_path: Path) ->
     assert not any(n.startswith("libstdc++") for n in static["needed"])
     assert missing["ok"] is False and "not found" in missing["reason"]
     assert any(n.startswith("libstdc++") for n in choice["tried"][-1]["needed"])
+    # The passing check's Inductor cache is kept (the refused one's is not), and the builds'
+    # seed starts from it: what the check compiled is in the seed.
+    assert "inductor_cache" not in static
+    kept = Path(choice["inductor_cache"])
+    compiled = {p.relative_to(kept) for p in kept.rglob("*.so")}
+    assert compiled
+    monkeypatch.setattr(inductor_seed, "_seed", None)
+    seed = inductor_seed.prepare(tmp_path / "scratch", start_from=str(kept))
+    assert seed is not None and compiled <= {p.relative_to(seed) for p in seed.rglob("*.so")}
     env = compiler_env(choice)
     assert env["KILN_AOTI_CXX"] == gxx
     # Triton compiles its launcher with $CC: the C compiler of the same toolchain.

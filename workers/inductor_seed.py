@@ -49,9 +49,12 @@ def _seed_key() -> str:
                           ).hexdigest()[:16]
 
 
-def prepare(scratch_dir: Path, timeout_s: float = 300) -> Path | None:
+def prepare(scratch_dir: Path, timeout_s: float = 300, start_from: str | None = None
+            ) -> Path | None:
     """The seed for this interpreter, torch and compiler: made once per host (a restarted
-    worker reuses it), or None (builds start cold) if the probe fails."""
+    worker reuses it), or None (builds start cold) if the probe fails. ``start_from``: an
+    Inductor cache the worker made itself with the same compiler (its compiler check's), copied
+    in first so the probe finds its programs compiled."""
     global _seed
     scratch_dir.mkdir(parents=True, exist_ok=True)
     final = scratch_dir / f"inductor-seed-{_seed_key()}"
@@ -59,6 +62,8 @@ def prepare(scratch_dir: Path, timeout_s: float = 300) -> Path | None:
         _seed = final
         return final
     seed = Path(tempfile.mkdtemp(prefix=".inductor-seed-", dir=scratch_dir))
+    if start_from and Path(start_from).is_dir():
+        shutil.copytree(start_from, seed, symlinks=True, dirs_exist_ok=True)
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                               timeout=timeout_s, env={**os.environ,
