@@ -497,6 +497,14 @@ def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
         time.sleep(0.2)
     first_ns = _child_pid_ns(spare.popen.pid)
     first_dir = spare.workdir
+    during_build: list[Any] = []  # the spare there is while the build's child runs
+    supervise = tasks.finish_child
+
+    def finish_and_look(child: Any, *args: Any, **kwargs: Any) -> Any:
+        during_build.append(tasks._spares.get("cpu"))
+        return supervise(child, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "finish_child", finish_and_look)
     warm = _submit(kiln, programs["convnet"], reuse="never", backend="onnx", options=options)
     assert tasks.run_build(kiln, warm, "w1").startswith("succeeded")
     warm_job, _ = _outcome(kiln, warm)
@@ -509,3 +517,5 @@ def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
     again = tasks._spares["cpu"]
     assert again.workdir != first_dir and again.alive()
     assert _child_pid_ns(again.popen.pid) != first_ns
+    # Started while the build ran, not after it: back-to-back builds meet a warm spare too.
+    assert during_build == [again]

@@ -30,7 +30,7 @@ from service.services import Services
 from workers import inductor_seed
 from workers.cxx_compiler import compiler_env
 from workers.sandbox import SandboxUnavailable, warn_unsandboxed
-from workers.tasks import prepare_spare, worker_sandbox
+from workers.tasks import prepare_spare, wait_for_spare, worker_sandbox
 
 log = logging.getLogger("kiln.worker")
 
@@ -107,13 +107,21 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
             log.warning("drain requested: finishing the current job, then stopping")
             os.kill(os.getpid(), signal.SIGTERM)
 
+    # The seed (and the spare) before the worker row: a worker the API routes builds to is
+    # one that can start them (the seed took 60 s on the H200 host's first start).
+    if any(t["backend"] == "aoti" for t in found["targets"]):
+        inductor_seed.prepare(services.settings.scratch_dir, start_from=(
+            found["host"].get("aoti_cxx") or {}).get("inductor_cache"))
+    # KILN_WARM_SPARE=on only. A GPU worker's first spare is a CUDA one: what it is there for
+    # (after each build the next spare is for the device just built for).
+    devices = [t["device"] for t in found["targets"]]
+    first = "cuda" if "cuda" in devices else devices[0]
+    prepare_spare(services, first)
+    wait_for_spare(first)
     # Queues first, then the worker row: the API publishes only to targets of live workers,
     # so every queue it publishes to exists by then.
     declare_queues(celery, queues)
     heartbeat()
-    if any(t["backend"] == "aoti" for t in found["targets"]):
-        inductor_seed.prepare(services.settings.scratch_dir)  # before the first child starts
-    prepare_spare(services, found["targets"][0]["device"])  # KILN_WARM_SPARE=on only
     for t in found["targets"]:
         log.warning("serving %s/%s/%s toolchain %s on queue %s", t["backend"], t["device"],
                     t["arch"], t["toolchain_id"], t["queue"])

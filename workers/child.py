@@ -207,8 +207,12 @@ SPARE_GO = b"go\n"
 
 def warm_up() -> None:
     """What every build pays before it starts, paid while the worker is idle: import torch,
-    the backends, the loader and validation, and export and run a tiny built-in program (a
-    trusted one: nothing of any job is here yet)."""
+    the backends, the loader and validation, export, save, load and run a tiny built-in
+    program (a trusted one: nothing of any job is here yet), and on a GPU make the CUDA
+    context and move the program there, as the build's load does (the H200 run: 5-7 s of a
+    CUDA build's load and start-up was this)."""
+    import io
+
     import torch
 
     import workers.backends  # noqa: F401
@@ -227,7 +231,17 @@ def warm_up() -> None:
             return torch.nn.functional.relu(x) + 1
 
     tiny = torch.export.export(Tiny(), (torch.randn(2, 4),))
+    saved = io.BytesIO()
+    torch.export.save(tiny, saved)
+    saved.seek(0)
+    tiny = torch.export.load(saved)
     tiny.module()(torch.randn(2, 4))
+    if torch.cuda.is_available():  # holds a CUDA context while idle: a GPU worker's spare
+        from workers.program_device import move_to_device_pass
+
+        on_gpu = move_to_device_pass(tiny, "cuda")
+        on_gpu.module()(torch.randn(2, 4, device="cuda"))
+        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from service.models import Engine, Job, Model, Worker, utcnow
 from service.services import Services
 from service.targets import BACKENDS
 from workers import inductor_seed
-from workers.child import PHASE_PREFIX
+from workers.child import PHASE_PREFIX, SPARE_READY
 from workers.contracts import BuildRequest, ChildResult, NotRunReport, ValidationReport
 from workers.sandbox import (
     Child,
@@ -69,8 +69,9 @@ MAX_RESULT_BYTES = 4 * 1024**2
 MAX_CHILD_FILE_BYTES = 32 * 1024**3
 # The command that runs the child; tests swap in hostile children.
 CHILD_ARGV: list[str] | None = None
-# KILN_WARM_SPARE=on: while idle, the worker keeps one sandboxed child that has already
-# imported torch and the toolchain, waiting for the next job (one per worker process).
+# KILN_WARM_SPARE=on: the worker keeps one sandboxed child that has already imported torch and
+# the toolchain, waiting for the next job (one per worker process; started when a build starts,
+# so it is warm by the time the next job comes).
 _spares: dict[str, Child] = {}
 
 
@@ -247,6 +248,9 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
                                      sandbox=sandbox, argv=CHILD_ARGV,
                                      phase_prefix=PHASE_PREFIX, tail=tail)
         spare = None  # from here on it is this job's child
+        # The next build's child warms up while this one builds, so back-to-back builds start
+        # warm too (started only after a build, the H200 run's next job met it half warm).
+        prepare_spare(services, job.device)
         outcome = finish_child(child, limits, tick, tick_s=min(2.0, settings.lease_s / 3))
         timings["child_s"] = round(time.perf_counter() - t0, 3)
         tail.write(f"kiln: child peak memory {outcome.peak_rss_mb:.0f} MB resident, "
@@ -299,6 +303,18 @@ def prepare_spare(services: Services, device: str) -> None:
                         tail=LogTail(keep=jobs.LOG_LIMIT))
     child.device = device
     _spares[device] = child
+
+
+def wait_for_spare(device: str, timeout_s: float = 180) -> bool:
+    """Wait until the spare for ``device`` has warmed up (a starting worker: its first build
+    then starts warm). False if there is none, it died, or it is not ready in time."""
+    spare = _spares.get(device)
+    deadline = time.monotonic() + timeout_s
+    while spare is not None and spare.alive() and time.monotonic() < deadline:
+        if SPARE_READY in spare.tail.text():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _take_spare(device: str) -> Child | None:
