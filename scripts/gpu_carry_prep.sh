@@ -5,7 +5,11 @@
 set -u
 SITE=/tmp/site
 mkdir -p $SITE
-python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/wheels/*.whl .gpu/rtx2/*.whl 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/wheels/*.whl 2>&1 | tail -2
+# TensorRT-RTX only when carried (it builds but cannot run plans on sm_90: a run on an H200 may
+# leave it behind to spend its time on the AOTInductor builds).
+if compgen -G ".gpu/rtx2/*.whl" > /dev/null; then
+python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE .gpu/rtx2/*.whl 2>&1 | tail -2
 tar xzf .gpu/rtx2/tensorrt_rtx_cu13-*.tar.gz -C /tmp && cp -r /tmp/tensorrt_rtx_cu13-1.7.1.116/tensorrt_rtx $SITE/
 tar xzf .gpu/rtx2/libs-skeleton.tgz -C $SITE
 [ -f .gpu/rtx1/librtx.xz.aa ] || ln -sfn /root/rtx1 .gpu/rtx1
@@ -26,5 +30,7 @@ with open("/tmp/site/tensorrt_rtx_libs/libtensorrt_rtx.so.1", "wb") as out:
 PY
 fi
 cp .gpu/rtx2/libtensorrt_onnxparser_rtx.so.1 $SITE/tensorrt_rtx_libs/
+fi
 mkdir -p /tmp/bwrap && dpkg -x .gpu/bubblewrap_*.deb /tmp/bwrap
-ls -la $SITE/tensorrt_rtx_libs/ | tail -3
+[ -d $SITE/tensorrt_rtx_libs ] && ls -la $SITE/tensorrt_rtx_libs/ | tail -3
+true

@@ -96,6 +96,9 @@ def export_programs(work: Path, quick: bool) -> dict[str, tuple[Path, list[dict[
         ("minilm", "export_minilm", minilm_profile)]
     if quick:
         exporters = [exporters[0], exporters[2]]
+    if only := os.environ.get("KILN_SMOKE_PROGRAMS"):  # e.g. "minilm,convnet": these, in order
+        by_name = {e[0]: e for e in exporters}
+        exporters = [by_name[n] for n in only.split(",") if n in by_name]
     for name, module, profile in exporters:
         with step(f"export {name}") as rec:
             path = work / f"{name}.pt2"
@@ -225,6 +228,7 @@ def host_step(device: str) -> None:
         rec.update(python=sys.version.split()[0], torch=torch.__version__,
                    cuda=torch.version.cuda, cores=os.cpu_count(),
                    cxx_env=os.environ.get("CXX"), sandbox=os.environ.get("KILN_SANDBOX", "on"),
+                   warm_spare=os.environ.get("KILN_WARM_SPARE", "off"),
                    bwrap=os.environ.get("BWRAP"))
         if shutil.which("nvidia-smi"):
             rec["nvidia_smi"] = subprocess.run(
@@ -477,7 +481,10 @@ def table() -> str:
                 f"{fmt(s['max_abs'])} | {fmt(r['build_s'])} | {fmt(r['submit_to_engine_s'])} | "
                 f"{fmt(r['overhead_s'])} | {r.get('cxx') or '-'} | "
                 f"{gpu.get('name', '-')} {gpu.get('uuid') or ''} |")
-    extra = []
+    host = RESULTS.get("host") or {}
+    extra = [f"sandbox {host.get('sandbox')}, warm spare {host.get('warm_spare')}"]
+    for r in RESULTS["engines"]:  # where the overhead goes: the job's phase timings
+        extra.append(f"{r['model']} timings: {json.dumps(r.get('timings'))}")
     worker = RESULTS.get("worker") or []
     for w in worker:
         cxx = w.get("aoti_cxx") or {}
