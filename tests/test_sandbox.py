@@ -480,6 +480,17 @@ def _child_pid_ns(bwrap_pid: int) -> str:
     return os.readlink(f"/proc/{inner.pid}/ns/pid")
 
 
+@pytest.mark.parametrize("mode, cpu, cuda", [(None, False, True), ("auto", False, True),
+                                             ("on", True, True), ("off", False, False)])
+def test_warm_spare_by_default_for_cuda_builds_only(mode: str | None, cpu: bool, cuda: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if mode is None:
+        monkeypatch.delenv("KILN_WARM_SPARE", raising=False)
+    else:
+        monkeypatch.setenv("KILN_WARM_SPARE", mode)
+    assert (tasks.warm_spare_enabled("cpu"), tasks.warm_spare_enabled("cuda")) == (cpu, cuda)
+
+
 def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
         kiln: Services, programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     import time

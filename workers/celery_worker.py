@@ -91,7 +91,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"
     queues = sorted({t["queue"] for t in found["targets"]})
     host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid(),
-            "sandbox": sandbox}
+            "sandbox": sandbox, "warm_spare": os.environ.get("KILN_WARM_SPARE", "auto")}
 
     drained = threading.Event()
 
@@ -112,8 +112,8 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     if any(t["backend"] == "aoti" for t in found["targets"]):
         inductor_seed.prepare(services.settings.scratch_dir, start_from=(
             found["host"].get("aoti_cxx") or {}).get("inductor_cache"))
-    # KILN_WARM_SPARE=on only. A GPU worker's first spare is a CUDA one: what it is there for
-    # (after each build the next spare is for the device just built for).
+    # If enabled (tasks.warm_spare_enabled). A GPU worker's first spare is a CUDA one: what it
+    # is there for (after that, each build starts the next spare for its own device).
     devices = [t["device"] for t in found["targets"]]
     first = "cuda" if "cuda" in devices else devices[0]
     prepare_spare(services, first)
