@@ -489,6 +489,8 @@ def test_warm_spare_by_default_for_cuda_builds_only(mode: str | None, cpu: bool,
     else:
         monkeypatch.setenv("KILN_WARM_SPARE", mode)
     assert (tasks.warm_spare_enabled("cpu"), tasks.warm_spare_enabled("cuda")) == (cpu, cuda)
+    # During a CUDA build (cores to spare), after a CPU build (its compile needs them).
+    assert (tasks.spare_during_build("cpu"), tasks.spare_during_build("cuda")) == (False, True)
 
 
 def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
@@ -516,6 +518,8 @@ def test_warm_spare_takes_the_start_up_off_the_build_and_is_replaced_fresh(
         return supervise(child, *args, **kwargs)
 
     monkeypatch.setattr(tasks, "finish_child", finish_and_look)
+    # As for a CUDA build (none here): the next spare starts when this build starts.
+    monkeypatch.setattr(tasks, "spare_during_build", lambda device: True)
     warm = _submit(kiln, programs["convnet"], reuse="never", backend="onnx", options=options)
     assert tasks.run_build(kiln, warm, "w1").startswith("succeeded")
     warm_job, _ = _outcome(kiln, warm)

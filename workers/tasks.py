@@ -248,9 +248,8 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
                                      sandbox=sandbox, argv=CHILD_ARGV,
                                      phase_prefix=PHASE_PREFIX, tail=tail)
         spare = None  # from here on it is this job's child
-        # The next build's child warms up while this one builds, so back-to-back builds start
-        # warm too (started only after a build, the H200 run's next job met it half warm).
-        prepare_spare(services, job.device)
+        if spare_during_build(job.device):
+            prepare_spare(services, job.device)
         outcome = finish_child(child, limits, tick, tick_s=min(2.0, settings.lease_s / 3))
         timings["child_s"] = round(time.perf_counter() - t0, 3)
         tail.write(f"kiln: child peak memory {outcome.peak_rss_mb:.0f} MB resident, "
@@ -290,6 +289,14 @@ def warm_spare_enabled(device: str) -> bool:
     own build for a few cores, so there it is asked for explicitly."""
     mode = os.environ.get("KILN_WARM_SPARE", "auto").strip().lower()
     return mode == "on" or (mode == "auto" and device == "cuda")
+
+
+def spare_during_build(device: str) -> bool:
+    """Start the next spare when a build starts (True) or when it ends. A GPU host's build
+    leaves cores free and back-to-back jobs then meet a warm spare (started after each build,
+    the H200 run's next job met it a second old: 13-14 s of warm-up in every build); on a CPU
+    worker the spare's imports would take cores from the build's own compile."""
+    return device == "cuda"
 
 
 def prepare_spare(services: Services, device: str) -> None:
