@@ -228,7 +228,7 @@ def host_step(device: str) -> None:
         rec.update(python=sys.version.split()[0], torch=torch.__version__,
                    cuda=torch.version.cuda, cores=os.cpu_count(),
                    cxx_env=os.environ.get("CXX"), sandbox=os.environ.get("KILN_SANDBOX", "on"),
-                   warm_spare=os.environ.get("KILN_WARM_SPARE", "off"),
+                   warm_spare=os.environ.get("KILN_WARM_SPARE", "auto"),
                    bwrap=os.environ.get("BWRAP"))
         if shutil.which("nvidia-smi"):
             rec["nvidia_smi"] = subprocess.run(

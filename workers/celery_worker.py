@@ -30,7 +30,7 @@ from service.services import Services
 from workers import inductor_seed
 from workers.cxx_compiler import compiler_env
 from workers.sandbox import SandboxUnavailable, warn_unsandboxed
-from workers.tasks import prepare_spare, wait_for_spare, worker_sandbox
+from workers.tasks import prepare_spare, wait_for_spare, warm_spare_mode, worker_sandbox
 
 log = logging.getLogger("kiln.worker")
 
@@ -91,7 +91,7 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     worker_id = f"kiln@{name or socket.gethostname()}-{os.getpid()}"
     queues = sorted({t["queue"] for t in found["targets"]})
     host = {**found["host"], "unavailable": found["unavailable"], "pid": os.getpid(),
-            "sandbox": sandbox, "warm_spare": os.environ.get("KILN_WARM_SPARE", "auto")}
+            "sandbox": sandbox, "warm_spare": warm_spare_mode()}
 
     drained = threading.Event()
 

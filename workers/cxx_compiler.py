@@ -98,21 +98,20 @@ def check(compiler: str, env: Mapping[str, str], timeout_s: float = CHECK_TIMEOU
                                   text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {**report, "reason": f"the check did not finish in {timeout_s:.0f} s"}
-        passed = proc.returncode == 0 and '"ok": true' in proc.stdout
-        if keep_cache is not None and passed and (Path(tmp) / "inductor").is_dir():
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if lines:
+            report.update(json.loads(lines[-1]))
+        if proc.returncode < 0:
+            report.update(ok=False, reason=f"the package crashed the process that loaded it "
+                          f"(signal {-proc.returncode})")
+        elif proc.returncode != 0 and "reason" not in report:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+            report.update(ok=False, reason=f"the build failed: {tail[0][:300]}")
+        if keep_cache is not None and report["ok"] and (Path(tmp) / "inductor").is_dir():
             shutil.rmtree(keep_cache, ignore_errors=True)
             keep_cache.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(Path(tmp) / "inductor"), keep_cache)
             report["inductor_cache"] = str(keep_cache)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if lines:
-        report.update(json.loads(lines[-1]))
-    if proc.returncode < 0:
-        report.update(ok=False, reason=f"the package crashed the process that loaded it "
-                      f"(signal {-proc.returncode})")
-    elif proc.returncode != 0 and "reason" not in report:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-        report.update(ok=False, reason=f"the build failed: {tail[0][:300]}")
     return report
 
 

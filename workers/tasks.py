@@ -287,8 +287,13 @@ def warm_spare_enabled(device: str) -> bool:
     only. A GPU host has the memory for an idle interpreter and a CUDA context, and its
     builds paid 13 s of start-up each (the H200 run); a CPU worker's spare competes with its
     own build for a few cores, so there it is asked for explicitly."""
-    mode = os.environ.get("KILN_WARM_SPARE", "auto").strip().lower()
+    mode = warm_spare_mode()
     return mode == "on" or (mode == "auto" and device == "cuda")
+
+
+def warm_spare_mode() -> str:
+    """KILN_WARM_SPARE as the worker reads it (``auto`` when unset)."""
+    return os.environ.get("KILN_WARM_SPARE", "auto").strip().lower()
 
 
 def spare_during_build(device: str) -> bool:
