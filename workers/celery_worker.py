@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -84,7 +85,9 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
     if sandbox == "off":
         warn_unsandboxed("this worker")
     celery = celery_init_app(app)
+    t0 = time.monotonic()
     found = probe_host(backends)
+    started = {"probe_host_s": time.monotonic() - t0}
     os.environ.update(compiler_env(found["host"].get("aoti_cxx")))  # for the build children
     if not found["targets"]:
         raise SystemExit(f"this host can build nothing: {found['unavailable']}")
@@ -109,15 +112,21 @@ def run_worker(app: Flask, name: str | None = None, backends: str = "",
 
     # The seed (and the spare) before the worker row: a worker the API routes builds to is
     # one that can start them (the seed took 60 s on the H200 host's first start).
+    t0 = time.monotonic()
     if any(t["backend"] == "aoti" for t in found["targets"]):
         inductor_seed.prepare(services.settings.scratch_dir, start_from=(
             found["host"].get("aoti_cxx") or {}).get("inductor_cache"))
+    started["seed_s"] = time.monotonic() - t0
     # If enabled (tasks.warm_spare_enabled). A GPU worker's first spare is a CUDA one: what it
     # is there for (after that, each build starts the next spare for its own device).
     devices = [t["device"] for t in found["targets"]]
     first = "cuda" if "cuda" in devices else devices[0]
+    t0 = time.monotonic()
     prepare_spare(services, first)
     wait_for_spare(first)
+    started["first_spare_s"] = time.monotonic() - t0
+    # Where a slow start went (the compiler check and the seed are once per host).
+    log.warning("worker start: %s", ", ".join(f"{k} {v:.1f}" for k, v in started.items()))
     # Queues first, then the worker row: the API publishes only to targets of live workers,
     # so every queue it publishes to exists by then.
     declare_queues(celery, queues)

@@ -62,7 +62,8 @@ def prepare(scratch_dir: Path, timeout_s: float = 300, start_from: str | None = 
         _seed = final
         return final
     seed = Path(tempfile.mkdtemp(prefix=".inductor-seed-", dir=scratch_dir))
-    if start_from and Path(start_from).is_dir():
+    started_from = bool(start_from and Path(start_from).is_dir())
+    if start_from and started_from:
         shutil.copytree(start_from, seed, symlinks=True, dirs_exist_ok=True)
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
@@ -85,7 +86,8 @@ def prepare(scratch_dir: Path, timeout_s: float = 300, start_from: str | None = 
         seed.rename(final)  # atomic; another worker of this host may have been first
     except OSError:
         shutil.rmtree(seed, ignore_errors=True)
-    log.warning("Inductor cache seed ready (CPU instruction set: %s)", done.stdout.strip())
+    log.warning("Inductor cache seed ready (CPU instruction set: %s; %s)", done.stdout.strip(),
+                "from the compiler check's cache" if started_from else "from empty")
     _seed = final
     return final
 
