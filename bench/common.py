@@ -102,9 +102,12 @@ OUTLIER_RATIO = 1.5
 def repeats(values: Sequence[float]) -> dict[str, Any]:
     """Median of repeated samples, their spread, and which of them are outliers."""
     mid = statistics.median(values)
-    outliers = [v for v in values if mid and (v > mid * OUTLIER_RATIO or v < mid / OUTLIER_RATIO)]
+    # A ratio to the median means nothing for a median at or below zero (an overhead that came
+    # out negative: Kiln beat its baseline): nothing is set aside then.
+    outliers = [v for v in values
+                if mid > 0 and (v > mid * OUTLIER_RATIO or v < mid / OUTLIER_RATIO)]
     return {"median": mid, "min": min(values), "max": max(values), "n": len(values),
-            "spread": (max(values) - min(values)) / mid if mid else 0.0,
+            "spread": (max(values) - min(values)) / abs(mid) if mid else 0.0,
             "values": list(values), "outliers": outliers}
 
 

@@ -64,9 +64,15 @@ def test_static_wrapper_refused_system_gxx_chosen_then_cached(
     kept = Path(choice["inductor_cache"])
     compiled = {p.relative_to(kept) for p in kept.rglob("*.so")}
     assert compiled
+    # So are the precompiled headers torch made for it (in the check's own TMPDIR, not the
+    # host's): the wrapper's and the kernels' preludes, which every build would make again.
+    headers = sorted(p.name for p in (kept / inductor_seed.HEADERS_DIRNAME).glob("*.gch"))
+    assert len(headers) >= 2, list(kept.iterdir())
     monkeypatch.setattr(inductor_seed, "_seed", None)
     seed = inductor_seed.prepare(tmp_path / "scratch", start_from=str(kept))
     assert seed is not None and compiled <= {p.relative_to(seed) for p in seed.rglob("*.so")}
+    assert inductor_seed.readonly_paths() == [seed / inductor_seed.HEADERS_DIRNAME]
+    assert sorted(p.name for p in (seed / inductor_seed.HEADERS_DIRNAME).glob("*.gch")) == headers
     env = compiler_env(choice)
     assert env["KILN_AOTI_CXX"] == gxx
     # Triton compiles its launcher with $CC: the C compiler of the same toolchain.

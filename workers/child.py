@@ -247,6 +247,12 @@ def warm_up() -> None:
 def main() -> None:
     die_with_parent()
     workdir = Path(sys.argv[1])
+    if os.environ.get(IN_SANDBOX_ENV):
+        # The seed's precompiled headers, before anything compiles (outside the sandbox torch
+        # already finds the host's own).
+        from workers.inductor_seed import use_seeded_headers
+
+        use_seeded_headers()
     if SPARE_FLAG in sys.argv[2:]:
         # A warm spare: ready now, and it waits for its job. The worker writes the program
         # and request.json into this work dir, then sends one line; limits start then.

@@ -11,6 +11,17 @@ points. A build changes only its own copy: nothing one build writes reaches anot
 writable cache would let one user's build plant compiled code in the next user's). The seed is
 made once per host for an interpreter, torch version and compiler, so a restarted worker does
 not pay the probe again.
+
+The seed also carries the compiler check's precompiled headers (``precompiled_headers``:
+torch's AOTInductor wrapper and kernel prelude headers, ~150 MB each). Torch keeps those in
+``$TMPDIR/torchinductor_<user>`` whatever the cache dir, so each sandboxed build (an empty
+private /tmp) compiled them again: 13 s of a 36 s convnet build on 2 cores. They are not
+copied (300 MB per build): each build's copy of the seed holds symlinks to them, and the
+sandbox binds the seed's header directory read-only (:func:`readonly_paths`), so a build
+reads them and cannot change them - not even by chmod: inside its user namespace the worker's
+files are the child's own, so a hard link or a mode would not protect them; a read-only mount
+does. A header the seed lacks the build compiles into its own directory. The child points
+torch's header directory at its copy (:func:`use_seeded_headers`).
 """
 
 from __future__ import annotations
@@ -27,6 +38,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CACHE_DIRNAME = "inductor-cache"
+HEADERS_DIRNAME = "precompiled_headers"
+# Part of the seed's key: what a seed holds changed (precompiled headers since version 2).
+SEED_VERSION = "2"
 # In a fresh process, as a build child runs it: the compiler the children use (KILN_AOTI_CXX)
 # is part of what the probe's cache entries are keyed by.
 _PROBE = """
@@ -44,7 +58,7 @@ def _seed_key() -> str:
     """What the probe's results depend on: the interpreter, torch's version, the compiler."""
     from importlib.metadata import version
 
-    return hashlib.sha256("\0".join((sys.executable, version("torch"),
+    return hashlib.sha256("\0".join((SEED_VERSION, sys.executable, version("torch"),
                                       os.environ.get("KILN_AOTI_CXX", ""))).encode()
                           ).hexdigest()[:16]
 
@@ -97,5 +111,38 @@ def child_cache_env(workdir: Path) -> dict[str, str]:
     if _seed is None or not _seed.is_dir():
         return {}
     dest = workdir / CACHE_DIRNAME
-    shutil.copytree(_seed, dest, symlinks=True, dirs_exist_ok=True)
+    shutil.copytree(_seed, dest, symlinks=True, dirs_exist_ok=True,
+                    ignore=lambda where, names: [HEADERS_DIRNAME] if Path(where) == _seed else [])
+    headers = _seed / HEADERS_DIRNAME
+    if headers.is_dir():
+        # Links into the read-only mount of the seed's headers; the directory is the build's
+        # own, for torch's locks and any header the seed lacks.
+        (dest / HEADERS_DIRNAME).mkdir(exist_ok=True)
+        for header in headers.iterdir():
+            if header.is_file():
+                (dest / HEADERS_DIRNAME / header.name).symlink_to(header)
     return {"TORCHINDUCTOR_CACHE_DIR": str(dest)}
+
+
+def readonly_paths() -> list[Path]:
+    """What the sandbox binds read-only for every build: the seed's precompiled headers."""
+    headers = _seed / HEADERS_DIRNAME if _seed is not None else None
+    return [headers] if headers is not None and headers.is_dir() else []
+
+
+def use_seeded_headers() -> Path | None:
+    """In a sandboxed build child, before it compiles: point torch's header directory
+    (``<tmp>/torchinductor_<user>/precompiled_headers``, in the sandbox's own empty /tmp) at
+    the build's copy of the seed's. Only in a sandbox: elsewhere /tmp is the host's, shared.
+    Returns the directory linked to, or None (no seeded headers, or torch's dir exists)."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not cache or not (Path(cache) / HEADERS_DIRNAME).is_dir():
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    link = Path(default_cache_dir()) / HEADERS_DIRNAME
+    if link.exists() or link.is_symlink():
+        return None
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(cache) / HEADERS_DIRNAME, target_is_directory=True)
+    return Path(cache) / HEADERS_DIRNAME

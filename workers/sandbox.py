@@ -164,8 +164,11 @@ _ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passwd", "
         "nsswitch.conf", "localtime", "os-release", "gcc", "fonts")
 
 
-def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = None) -> list[str]:
-    """The whole sandbox, as bubblewrap's argument list. Later mounts cover earlier ones."""
+def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = None,
+               readonly: Sequence[Path] = ()) -> list[str]:
+    """The whole sandbox, as bubblewrap's argument list. Later mounts cover earlier ones.
+    ``readonly``: directories the worker made that the child may read at their own paths, even
+    inside a hidden one (the Inductor seed's precompiled headers, under the data dir)."""
     binary = bwrap_path()
     assert binary is not None
     args = [
@@ -231,6 +234,8 @@ def bwrap_args(workdir: Path, hidden: Sequence[Path] = (), gpu: bool | None = No
             args += ["--tmpfs", str(path)]
         elif path.exists():  # a file (an SQLite database elsewhere): an empty one over it
             args += ["--ro-bind", "/dev/null", str(path)]
+    for path in readonly:
+        args += ["--ro-bind", str(path), str(path)]
     args += [
         # The work dir, at its own path (so a process listing names the job): the one
         # writable place on disk, holding the program, request.json and what the child writes.
@@ -357,10 +362,12 @@ class Child:
 def spawn_child(workdir: Path, limits: Limits, env: Mapping[str, str] | None = None,
                 hidden: Sequence[Path] = (), sandbox: str = "bubblewrap",
                 argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ",
-                spare: bool = False, tail: LogTail | None = None) -> Child:
+                spare: bool = False, tail: LogTail | None = None,
+                readonly: Sequence[Path] = ()) -> Child:
     """Start ``python -m workers.child WORKDIR`` (or ``argv``) in the sandbox.
 
-    ``hidden`` are paths the child must not see even where they lie under a bound root. A
+    ``hidden`` are paths the child must not see even where they lie under a bound root;
+    ``readonly`` ones it may read (see :func:`bwrap_args`). A
     ``spare`` child warms up and then waits on its stdin for :func:`finish_child`'s go.
     """
     command = list(argv or [sys.executable, "-m", "workers.child", str(workdir),
@@ -369,7 +376,7 @@ def spawn_child(workdir: Path, limits: Limits, env: Mapping[str, str] | None = N
     if sandbox == "off":
         warn_unsandboxed(f"build in {workdir.name}")
     else:
-        command = [*bwrap_args(workdir, hidden), *command]
+        command = [*bwrap_args(workdir, hidden, readonly=readonly), *command]
 
     def apply_rlimits() -> None:  # in the forked process, before exec: bwrap inherits them
         for which, value in caps:
@@ -408,9 +415,11 @@ def finish_child(child: Child, limits: Limits, on_tick: Callable[[], bool],
 def run_child(workdir: Path, tail: LogTail, limits: Limits, on_tick: Callable[[], bool],
               tick_s: float = 2.0, env: Mapping[str, str] | None = None,
               hidden: Sequence[Path] = (), sandbox: str = "bubblewrap",
-              argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ") -> Outcome:
+              argv: Sequence[str] | None = None, phase_prefix: str = "KILN-PHASE ",
+              readonly: Sequence[Path] = ()) -> Outcome:
     """Start a build child and supervise it to its end; ``on_tick`` False cancels it."""
-    child = spawn_child(workdir, limits, env, hidden, sandbox, argv, phase_prefix, tail=tail)
+    child = spawn_child(workdir, limits, env, hidden, sandbox, argv, phase_prefix, tail=tail,
+                        readonly=readonly)
     return finish_child(child, limits, on_tick, tick_s)
 
 

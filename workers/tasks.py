@@ -245,6 +245,7 @@ def run_build(services: Services, job_id: str, worker_id: str) -> str:
         limits = build_limits(services, job.device)
         child = spare or spawn_child(workdir, limits, inductor_seed.child_cache_env(workdir),
                                      hidden=hidden_paths(services),
+                                     readonly=inductor_seed.readonly_paths(),
                                      sandbox=sandbox, argv=CHILD_ARGV,
                                      phase_prefix=PHASE_PREFIX, tail=tail)
         spare = None  # from here on it is this job's child
@@ -316,6 +317,7 @@ def prepare_spare(services: Services, device: str) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="spare-", dir=services.settings.scratch_dir))
     child = spawn_child(workdir, build_limits(services, device),
                         inductor_seed.child_cache_env(workdir), hidden=hidden_paths(services),
+                        readonly=inductor_seed.readonly_paths(),
                         sandbox=sandbox, phase_prefix=PHASE_PREFIX, spare=True,
                         tail=LogTail(keep=jobs.LOG_LIMIT))
     child.device = device
