@@ -54,6 +54,10 @@ def run_case(run: Run) -> None:
                            "page_cache": "files are read from the page cache (just written)"}
     run.raw[CASE] = raw
     with kiln_stack(run, "download") as kiln:
+        # Authenticated, as production runs it (without keys every request asks the database
+        # whether any exist: a round trip a deployment does not pay). An admin's key: the
+        # engines here belong to no uploaded model.
+        kiln.create_key(role="admin")
         store_root = kiln.settings.data_dir / "artifacts"
         target = synthetic_target()
         engines = {}
@@ -68,7 +72,7 @@ def run_case(run: Run) -> None:
         warm = kiln.insert_engine(None, target, [], artifact=warm_path, sha256=warm_sha,
                                   model_hash=hashlib.sha256(b"warm-up").hexdigest())
         for _ in range(run.workers * 4):
-            curl([f"{kiln.url}/api/v1/engines/{warm.id}/artifact"])
+            curl([*_auth(kiln), f"{kiln.url}/api/v1/engines/{warm.id}/artifact"])
         with Nginx(run.work / "download" / "nginx", store_root, run.work / "download" / "put"
                    ) as nginx:
             curl([f"{nginx.url}/files/engines/{warm_path.name}"])
@@ -116,12 +120,17 @@ def run_case(run: Run) -> None:
                     row.note = "; ".join(x for x in (row.note, profile_note(raw["profile"])) if x)
 
 
-def _get(url: str, size: int, kiln: KilnStack | None = None, start: int = 0
-         ) -> dict[str, Any]:
+def _auth(kiln: KilnStack | None) -> list[str]:
+    return ["-H", f"Authorization: Bearer {kiln.api_key}"] if kiln and kiln.api_key else []
+
+
+def _get(url: str, size: int, kiln: KilnStack | None = None, start: int = 0,
+         sample_memory: bool = True) -> dict[str, Any]:
     """One transfer of a ``size`` MB file, from byte ``start`` (a Range request) to the end."""
-    args = [url] if not start else ["-H", f"Range: bytes={start}-", url]
+    args = [*_auth(kiln), url] if not start else [*_auth(kiln), "-H", f"Range: bytes={start}-",
+                                                  url]
     want_code, want_bytes = (206, size * MB - start) if start else (200, size * MB)
-    if kiln is None:
+    if kiln is None or not sample_memory:
         result = curl(args)
         rss = None
     else:
@@ -145,7 +154,7 @@ def _profile(run: Run, kiln: KilnStack, engine_id: str, size: int) -> dict[str, 
     import time
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
-        rates.append(_get(url, size)["mb_s"])
+        rates.append(_get(url, size, kiln, sample_memory=False)["mb_s"])
     spy.wait(timeout=60)
     summary = summarize_profile(out)
     summary.update({"file": str(out), "under_profiler_mb_s": rates})

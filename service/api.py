@@ -9,6 +9,7 @@ from typing import Any, BinaryIO, cast
 from flask import Blueprint, Response, current_app, jsonify, request
 from spectree import Response as Resp
 from spectree import SpecTree
+from sqlalchemy import update
 from werkzeug.exceptions import BadRequest
 
 from service import cache, job_events, jobs, queries, uploads, worker_registry
@@ -16,7 +17,7 @@ from service.auth import caller, require_admin
 from service.cache import CacheRequest
 from service.downloads import artifact_response, download_name
 from service.errors import KilnError
-from service.models import utcnow
+from service.models import Engine, utcnow
 from service.profiles import complete_profile
 from service.schemas import (
     EngineQuery,
@@ -305,13 +306,14 @@ MARK_USE_EVERY = timedelta(seconds=60)
 @api.get("/engines/<engine_id>/artifact")
 def download_engine(engine_id: str) -> Response:
     with services().db.autocommit() as s:
-        engine = queries.get_engine(s, engine_id, caller().scope)
+        engine = queries.engine_for_download(s, engine_id, caller().scope)
         # Marks the engine as in use: eviction spares engines used within its grace period
         # (an hour by default), so a download in progress keeps its blob. At most once a
         # minute, and without waiting for the log flush: not a write per download.
         now = utcnow()
         if engine.last_used_at is None or now - engine.last_used_at > MARK_USE_EVERY:
-            engine.last_used_at = now
+            s.connection().execute(update(Engine).where(Engine.id == engine.id)
+                                   .values(last_used_at=now))
     return artifact_response(services().store, engine.artifact_uri, engine.sha256, engine.size,
                              download_name(engine))
 

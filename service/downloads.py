@@ -15,6 +15,7 @@ from werkzeug.wsgi import wrap_file
 from service.artifacts import ArtifactStore
 from service.errors import KilnError
 from service.models import Engine
+from service.queries import DownloadRow
 from service.targets import BACKENDS
 
 # The file name suffix a download may carry: from the backend registry, or an artifact suffix
@@ -23,7 +24,7 @@ from service.targets import BACKENDS
 _SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,12}){1,2}")
 
 
-def download_name(engine: Engine) -> str:
+def download_name(engine: Engine | DownloadRow) -> str:
     suffix = BACKENDS.get(engine.backend, {}).get("suffix", ".bin")
     recorded = (engine.build_report or {}).get("artifact_suffix")
     if isinstance(recorded, str) and _SUFFIX.fullmatch(recorded):

@@ -206,3 +206,47 @@ def test_a_remembered_hit_whose_engine_was_evicted_is_resolved_afresh(keyed, pro
                            ).all()
         assert served == [gone] * 3 + [other]  # no submission row counted for the evicted one
         assert s.get(Engine, other).hits == 1
+
+
+def test_a_download_serves_the_engine_and_marks_it_used_at_most_once_a_minute(
+        keyed, programs, tmp_path: Path) -> None:
+    """Eviction spares engines used within its grace period: a download marks the engine
+    (not every download: at most once a minute), and the bytes and headers are the engine's."""
+    import hashlib
+    from datetime import timedelta
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from sqlalchemy import update
+
+    from service.models import Engine, utcnow
+
+    app, services = keyed
+    c = app.test_client()
+    model = c.post("/api/v1/models", data=programs["two_inputs"].read_bytes(),
+                   headers=_auth("ka")).json["id"]
+    engine_id = _build(services, "alice", model, _profile(1, 4, 8))
+    made = tmp_path / "made.pt2"
+    made.write_bytes(b"engine bytes " * 1000)
+    blob = Path(url2pathname(urlparse(services.store.put_file(made, "engines/test.pt2")).path))
+    sha = hashlib.sha256(blob.read_bytes()).hexdigest()
+    long_ago = utcnow() - timedelta(hours=2)
+    with services.db.session() as s:
+        s.execute(update(Engine).where(Engine.id == engine_id).values(
+            artifact_uri=blob.as_uri(), sha256=sha, size=blob.stat().st_size,
+            last_used_at=long_ago))
+
+    def last_used() -> object:
+        with services.db.session() as s:
+            return s.get(Engine, engine_id).last_used_at  # type: ignore[union-attr]
+
+    r = c.get(f"/api/v1/engines/{engine_id}/artifact", headers=_auth("ka"))
+    assert r.status_code == 200 and r.data == blob.read_bytes()
+    assert r.headers["X-Kiln-Sha256"] == sha and r.headers["ETag"] == f'"{sha}"'
+    assert r.headers["Content-Disposition"] == f"attachment; filename={engine_id}.pt2"
+    marked = last_used()
+    assert marked is not None and marked > long_ago + timedelta(hours=1)
+    again = c.get(f"/api/v1/engines/{engine_id}/artifact", headers={**_auth("ka"),
+                                                                   "Range": "bytes=0-5"})
+    assert again.status_code == 206 and again.data == b"engine"
+    assert last_used() == marked  # within the minute: no second write
