@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def test_candidates_in_order_each_file_once(tmp_path: Path) -> None:
     assert names[1] == gxx
     # c++ and /usr/bin/g++ are the same file as g++ here (Debian alternatives): tried once.
     assert len({os.path.realpath(n) for n in names}) == len(names)
+
+
+def test_another_python_environment_checks_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check keeps precompiled headers keyed by torch's include path: an answer cached by
+    another environment (another venv of the same torch) must not be reused."""
+    from workers.cxx_compiler import fingerprint
+
+    here = fingerprint(["/usr/bin/g++"])
+    assert fingerprint(["/usr/bin/g++"]) == here
+    monkeypatch.setattr(sys, "executable", "/elsewhere/.venv/bin/python")
+    assert fingerprint(["/usr/bin/g++"]) != here
 
 
 def test_static_wrapper_refused_system_gxx_chosen_then_cached(
