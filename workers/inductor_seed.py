@@ -76,9 +76,9 @@ def prepare(scratch_dir: Path, timeout_s: float = 300, start_from: str | None = 
         _seed = final
         return final
     seed = Path(tempfile.mkdtemp(prefix=".inductor-seed-", dir=scratch_dir))
-    started_from = start_from is not None and Path(start_from).is_dir()
-    if started_from:
-        shutil.copytree(str(start_from), seed, symlinks=True, dirs_exist_ok=True)
+    started_from = bool(start_from and Path(start_from).is_dir())
+    if start_from and started_from:
+        shutil.copytree(start_from, seed, symlinks=True, dirs_exist_ok=True)
     try:
         done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                               timeout=timeout_s, env={**os.environ,
@@ -113,7 +113,8 @@ def child_cache_env(workdir: Path) -> dict[str, str]:
     dest = workdir / CACHE_DIRNAME
     shutil.copytree(_seed, dest, symlinks=True, dirs_exist_ok=True,
                     ignore=lambda where, names: [HEADERS_DIRNAME] if Path(where) == _seed else [])
-    for headers in readonly_paths():
+    headers = _seed / HEADERS_DIRNAME
+    if headers.is_dir():
         # Links into the read-only mount of the seed's headers; the directory is the build's
         # own, for torch's locks and any header the seed lacks.
         (dest / HEADERS_DIRNAME).mkdir(exist_ok=True)
